@@ -1,0 +1,1 @@
+"""Weight files and the layers that hold their tensors."""

@@ -1,0 +1,133 @@
+"""Linear and Embedding layers whose stored weight may be compact.
+
+Every model in the pack builds its projections from these classes, so each weight format
+(plain float, float8 with a per-tensor scale, GGUF blocks) and each patch kind (LoRA) is
+written once and works for all models.
+
+Storage kinds, chosen by what is assigned to ``weight``:
+- floating tensor: cast to the activation dtype on use;
+- float8 tensor, with optional ``weight_scale``: ``w.to(dtype) * scale`` on use;
+- uint8 GGUF blocks with ``quant_type`` set (``weight`` has shape ``[rows, bytes_per_row]``,
+  ``quant_shape`` the logical shape): dequantized on the compute device on use.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FP8_DTYPES = tuple(
+    getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)
+)
+
+# GGUF type id -> fn(blocks_uint8 [rows, bytes], qtype, cols, dtype) -> [rows, cols] tensor.
+# Filled by model_defs.weights.dequant so this module stays free of format details.
+DEQUANTIZERS: dict[int, Callable[[torch.Tensor, int, int, torch.dtype], torch.Tensor]] = {}
+
+
+def dequantize_rows(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    fn = DEQUANTIZERS.get(qtype)
+    if fn is None:
+        # Importing registers the kernels; done lazily so plain models never pay for it.
+        from . import dequant  # noqa: F401
+
+        fn = DEQUANTIZERS.get(qtype)
+    if fn is None:
+        raise ValueError(f"no dequantizer registered for GGUF type {qtype}")
+    return fn(blocks, qtype, cols, dtype)
+
+
+class _CompactWeight:
+    """Mixin: turn whatever is stored in ``self.weight`` into a dense tensor of ``dtype``."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor | None
+    quant_type: int | None
+    quant_shape: tuple[int, ...] | None
+
+    def _init_compact(self) -> None:
+        # A buffer, so .to(device) and state_dict() carry the scale with the weight.
+        self.register_buffer("weight_scale", None)
+        self.quant_type = None
+        self.quant_shape = None
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_type is not None
+
+    def set_scale(self, scale: torch.Tensor | None) -> None:
+        """Attach (or drop) a per-tensor dequantization scale for a float8 weight."""
+        self.weight_scale = None if scale is None else scale.detach().to(torch.float32).reshape(()).clone()
+
+    def set_quantized(self, blocks: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> None:
+        """Store GGUF blocks (uint8 ``[rows, bytes_per_row]``) for a weight of logical ``shape``."""
+        self.weight = nn.Parameter(blocks, requires_grad=False)
+        self.quant_type = int(qtype)
+        self.quant_shape = tuple(int(s) for s in shape)
+
+    def dense_weight(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        w = self.weight
+        if device is not None and w.device != device:
+            w = w.to(device, non_blocking=True)
+        if self.quant_type is not None:
+            cols = 1
+            for n in self.quant_shape[1:]:
+                cols *= n
+            return dequantize_rows(w, self.quant_type, cols, dtype).reshape(self.quant_shape)
+        if w.dtype != dtype:
+            w = w.to(dtype)
+        if self.weight_scale is not None:
+            s = self.weight_scale
+            if s.device != w.device:
+                s = s.to(w.device)
+            w = w * s.to(dtype)
+        return w
+
+
+class Linear(_CompactWeight, nn.Linear):
+    """``nn.Linear`` with compact weight storage and additive patches (LoRA)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_compact()
+        # name -> patch; a patch is called as patch(x, y) and returns the new y.
+        self.patches: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+    def add_patch(self, name: str, patch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.patches[name] = patch
+
+    def remove_patch(self, name: str) -> None:
+        self.patches.pop(name, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense_weight(x.dtype, x.device)
+        b = self.bias
+        if b is not None and (b.dtype != x.dtype or b.device != x.device):
+            b = b.to(device=x.device, dtype=x.dtype)
+        y = F.linear(x, w, b)
+        for patch in self.patches.values():
+            y = patch(x, y)
+        return y
+
+
+class Embedding(_CompactWeight, nn.Embedding):
+    """``nn.Embedding`` whose table may stay quantized: only the looked-up rows are dequantized."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
+        self._init_compact()
+        self.compute_dtype: torch.dtype | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or (self.weight.dtype if self.weight.is_floating_point() and self.weight.dtype not in FP8_DTYPES else torch.float32)
+        if self.quant_type is not None:
+            rows = self.weight.index_select(0, ids.reshape(-1).to(self.weight.device))
+            out = dequantize_rows(rows, self.quant_type, self.embedding_dim, dtype)
+            return out.reshape(*ids.shape, self.embedding_dim)
+        rows = F.embedding(ids.to(self.weight.device), self.weight)
+        rows = rows.to(dtype)
+        if self.weight_scale is not None:
+            rows = rows * self.weight_scale.to(device=rows.device, dtype=dtype)
+        return rows
