@@ -3,10 +3,7 @@
 ComfyUI imports this folder as a package; outside ComfyUI (tests, scripts) the same import
 works and the nodes fall back to a models folder named by $QWENIMAGE_MODELS_DIR.
 """
-try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ImportError:  # pragma: no cover - only while the package is half-built
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 WEB_DIRECTORY = "./js"
 

@@ -18,6 +18,8 @@ SHARED_REFERENCE = ROOT.parent / "shared" / "reference"
 
 
 def _register_pack() -> None:
+    """Make ``qwenimage_pack`` a package rooted at the checkout without running its ``__init__``,
+    so model tests do not import the nodes; tests/test_package.py runs the real ``__init__``."""
     if "qwenimage_pack" in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(
@@ -25,7 +27,6 @@ def _register_pack() -> None:
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules["qwenimage_pack"] = module
-    spec.loader.exec_module(module)
 
 
 _register_pack()

@@ -12,11 +12,20 @@ Storage kinds, chosen by what is assigned to ``weight``:
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+class QuantizedTensor(NamedTuple):
+    """A GGUF tensor kept in its block format: ``blocks`` is uint8 ``[rows, bytes_per_row]``,
+    ``shape`` the logical torch shape (rows == shape[0])."""
+
+    blocks: torch.Tensor
+    qtype: int
+    shape: tuple[int, ...]
+
 
 FP8_DTYPES = tuple(
     getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)

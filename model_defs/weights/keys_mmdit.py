@@ -1,0 +1,168 @@
+"""MMDiT key layout, and the per-layer quantization side tensors every loader shares.
+
+Our MMDiT's parameter names are diffusers' names, so the only renaming is dropping the
+prefix a file was saved with. What needs care are the side tensors ComfyUI writes next to
+compact weights:
+
+- "scaled fp8" files: ``<layer>.scale_weight`` (per-tensor scale), ``<layer>.scale_input``
+  (activation scale, unused here) and a marker tensor ``scaled_fp8``;
+- newer files: ``<layer>.comfy_quant`` (uint8 bytes of a JSON object naming the format) with
+  ``<layer>.weight_scale`` and possibly ``<layer>.input_scale``, or the same per-layer formats
+  in the safetensors metadata entry ``_quantization_metadata``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+
+from .errors import WeightFileError
+
+MMDIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
+QUANT_CONFIG_SUFFIX = ".comfy_quant"
+MARKER_KEYS = ("scaled_fp8",)
+
+# comfy_quant format -> storage dtype of the weight; anything else is refused with a message.
+SUPPORTED_QUANT_FORMATS = {
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+
+
+def find_prefix(names: Iterable[str], anchor: str, known: tuple[str, ...] = ()) -> str | None:
+    """The prefix in front of ``anchor`` (a full tensor name such as ``txt_norm.weight``).
+
+    Known prefixes win; otherwise the shortest prefix ending in '.' is taken, which also finds
+    a component inside a bundled checkpoint. ``None`` if the anchor is absent.
+    """
+    found = []
+    for n in names:
+        if n == anchor:
+            found.append("")
+        elif n.endswith("." + anchor):
+            found.append(n[: -len(anchor)])
+    if not found:
+        return None
+    for p in ("",) + tuple(known):
+        if p in found:
+            return p
+    return min(found, key=len)
+
+
+def mmdit_prefix(names: Iterable[str]) -> str | None:
+    return find_prefix(names, "txt_norm.weight", MMDIT_PREFIXES)
+
+
+def mmdit_key(name: str, prefix: str) -> str | None:
+    """Our parameter name for a file key, or ``None`` when the key is outside the model."""
+    if prefix and not name.startswith(prefix):
+        return None
+    return name[len(prefix):]
+
+
+@dataclass
+class QuantSideTensors:
+    """How the side tensors of a file attach to its weights (all names are file keys)."""
+
+    scales: dict[str, str] = field(default_factory=dict)  # weight key -> scale key
+    configs: dict[str, str] = field(default_factory=dict)  # weight key -> comfy_quant key
+    meta_formats: dict[str, str] = field(default_factory=dict)  # weight key -> format from metadata
+    ignored: set[str] = field(default_factory=set)  # markers and activation scales
+
+    @property
+    def side_keys(self) -> set[str]:
+        return set(self.scales.values()) | set(self.configs.values()) | self.ignored
+
+
+def quant_side_tensors(names: Iterable[str], metadata: Mapping[str, str] | None = None) -> QuantSideTensors:
+    names = set(names)
+    side = QuantSideTensors()
+    for n in names:
+        if n.rsplit(".", 1)[-1] in MARKER_KEYS:
+            side.ignored.add(n)
+            continue
+        for suffix in SCALE_SUFFIXES:
+            if n.endswith(suffix):
+                weight = n[: -len(suffix)] + ".weight"
+                if weight in names:
+                    side.scales[weight] = n
+        for suffix in INPUT_SCALE_SUFFIXES:
+            if n.endswith(suffix) and n[: -len(suffix)] + ".weight" in names:
+                side.ignored.add(n)
+        if n.endswith(QUANT_CONFIG_SUFFIX):
+            weight = n[: -len(QUANT_CONFIG_SUFFIX)] + ".weight"
+            if weight in names:
+                side.configs[weight] = n
+    raw = (metadata or {}).get("_quantization_metadata")
+    if raw:
+        try:
+            layers = json.loads(raw).get("layers", {})
+        except (json.JSONDecodeError, AttributeError):
+            layers = {}
+        for layer, conf in layers.items():
+            fmt = conf.get("format") if isinstance(conf, dict) else conf
+            if layer + ".weight" in names and isinstance(fmt, str):
+                side.meta_formats[layer + ".weight"] = fmt
+    return side
+
+
+def parse_quant_config(raw: torch.Tensor, key: str, path) -> str:
+    """The format named by a ``comfy_quant`` tensor (uint8 bytes of a JSON object)."""
+    try:
+        conf = json.loads(bytes(raw.reshape(-1).to(torch.uint8).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RuntimeError):
+        raise WeightFileError(path, f"has an unreadable quantization config '{key}'.",
+                              "a comfy_quant entry holding a JSON object") from None
+    fmt = conf.get("format") if isinstance(conf, dict) else conf
+    if not isinstance(fmt, str):
+        raise WeightFileError(path, f"has a quantization config '{key}' without a format.",
+                              "a comfy_quant entry naming its format")
+    return fmt
+
+
+def check_quant_format(fmt: str, key: str, path) -> torch.dtype:
+    dtype = SUPPORTED_QUANT_FORMATS.get(fmt)
+    if dtype is None:
+        raise WeightFileError(
+            path, f"uses the quantization format '{fmt}' (layer '{key}'), which this loader does not support.",
+            "per-tensor float8 (float8_e4m3fn / float8_e5m2) weights, or use a bf16, fp8 or GGUF version of the model",
+        )
+    return dtype
+
+
+_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+
+
+def mmdit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """A diffusers-style config for the MMDiT whose (prefix-free) tensors have ``shapes``.
+
+    Leaves out ``axes_dims_rope`` (a function of the head size the model class knows) and
+    ``zero_cond_t`` (a property of the checkpoint variant, not of its tensors).
+    """
+    def need(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise KeyError(name)
+        return tuple(shapes[name])
+
+    layers = {int(m.group(1)) for n in shapes if (m := _BLOCK.match(n))}
+    inner, in_channels = need("img_in.weight")
+    head_dim = need("transformer_blocks.0.attn.norm_q.weight")[0]
+    if inner % head_dim:
+        raise ValueError(f"hidden size {inner} is not a multiple of the head size {head_dim}")
+    patch = 2
+    out_channels = need("proj_out.weight")[0] // (patch * patch)
+    return {
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "num_layers": (max(layers) + 1) if layers else 0,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": need("txt_norm.weight")[0],
+    }

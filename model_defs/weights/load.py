@@ -1,0 +1,637 @@
+"""Weight files -> ready modules: MMDiT, text encoder, VAE.
+
+Every loader works the same way:
+1. open the file lazily (safetensors header, diffusers folder or GGUF) and refuse anything that
+   is not the expected model, naming what it is instead (``detect``);
+2. map every file key to a parameter name and check the whole plan (missing, unexpected,
+   shapes, quantization formats) before any tensor data is read, so a bad file fails in
+   seconds, not after minutes of reading;
+3. build the module with its parameters on the meta device and stream the tensors in one at a
+   time, converting each (dtype, fp8 scale) on the target device, so the host never holds a
+   second copy of a 40 GB file.
+
+Any failure frees what was built and raises ``WeightFileError`` naming the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import re
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .detect import EXPECTED, Detected, detect, mismatch_message
+from .errors import WeightFileError
+from .keys_mmdit import (
+    check_quant_format,
+    find_prefix,
+    mmdit_config_from_shapes,
+    mmdit_key,
+    mmdit_prefix,
+    parse_quant_config,
+    quant_side_tensors,
+)
+from .linear import FP8_DTYPES, Embedding, Linear, QuantizedTensor, dequantize_rows
+from .safetensors_io import WeightSource, is_gguf, open_weights
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+_FLOAT_NAMES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+_FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+class _GGUFSource:
+    """The tensors of a GGUF file behind the same interface as ``WeightSource``."""
+
+    def __init__(self, path: Path, contents):
+        self.path = path
+        self.arch = getattr(contents, "arch", None)
+        self.layout = f"GGUF ({self.arch})" if self.arch else "GGUF"
+        self.config = None
+        self.metadata: dict = dict(getattr(contents, "metadata", None) or {})
+        self._tensors = dict(contents.tensors)
+
+    def keys(self):
+        return self._tensors.keys()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def in_file_order(self) -> list[str]:
+        return list(self._tensors)
+
+    @property
+    def tensors(self) -> dict:
+        return self._tensors
+
+    def get(self, name: str):
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def _read_gguf(path: Path, expect: str):
+    try:
+        from .gguf_reader import read_gguf
+    except ImportError as e:
+        raise WeightFileError(path, f"is a GGUF file, but GGUF support is not available ({e}).",
+                              "a .safetensors file, or install the pack completely (the 'gguf' package)") from None
+    try:
+        return read_gguf(path, expect)
+    except WeightFileError:
+        raise
+    except Exception as e:
+        raise WeightFileError(path, f"could not be read as GGUF ({type(e).__name__}: {e}).", "a valid GGUF file") from None
+
+
+def _open_source(path, component: str, gguf_expect: str):
+    p = Path(path).expanduser()
+    if p.is_file() and is_gguf(p):
+        return _GGUFSource(p, _read_gguf(p, gguf_expect))
+    return open_weights(p, component=component)
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion policy
+
+
+def _as_dtype(value, what: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in _FLOAT_NAMES:
+        return _FLOAT_NAMES[value.lower()]
+    raise ValueError(f"{what} must be a torch dtype or one of bf16/fp16/fp32, got {value!r}")
+
+
+@dataclass
+class _Policy:
+    """How each tensor is stored once loaded."""
+
+    weight_dtype: str
+    device: torch.device
+    compute_dtype: torch.dtype | None
+    from_gguf: bool = False
+    # target name -> store as float8 with a scale when weight_dtype == "fp8_e4m3fn"
+    fp8_eligible: Callable[[str], bool] = lambda name: False
+
+    @property
+    def forced(self) -> torch.dtype | None:
+        return _FLOAT_NAMES.get(self.weight_dtype)
+
+    def dense_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """dtype of a tensor that must end up as a plain float tensor."""
+        if self.forced is not None:
+            return self.forced
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        if self.weight_dtype == "fp8_e4m3fn" or self.from_gguf or stored in FP8_DTYPES:
+            return torch.bfloat16
+        return stored
+
+    def convert(self, name: str, t: torch.Tensor, scale: torch.Tensor | None, compact: bool):
+        """``(tensor, scale_or_None)`` for one file tensor already on the target device."""
+        if not t.is_floating_point():
+            return t, None
+        fp8 = t.dtype in FP8_DTYPES
+        per_tensor = scale is None or scale.numel() == 1
+        if compact and per_tensor and self.forced is None:
+            if self.weight_dtype == "fp8_e4m3fn" and self.fp8_eligible(name):
+                return (t, scale) if fp8 else _quantize_fp8(name, t)
+            if self.weight_dtype == "default" and (fp8 or scale is None) and not self.from_gguf:
+                return t, scale
+        return _dense(t, scale, self.dense_dtype(t.dtype)), None
+
+
+def _dense(t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return t.to(dtype)
+    s = scale.to(device=t.device, dtype=torch.float32)
+    if s.numel() != 1:
+        if s.numel() != t.shape[0]:
+            raise ValueError(f"scale of {s.numel()} values does not fit a weight of shape {list(t.shape)}")
+        s = s.reshape(-1, *([1] * (t.dim() - 1)))
+    return (t.to(torch.float32) * s).to(dtype)
+
+
+def _quantize_fp8(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8_e4m3fn with a per-tensor scale amax/448, so the full fp8 range is used."""
+    amax = t.abs().amax().to(torch.float32)
+    if not torch.isfinite(amax):
+        raise ValueError(f"tensor '{name}' contains inf or NaN values")
+    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+    # One float32 working copy, scaled in place: the peak is one tensor's worth, not two.
+    w = t.to(torch.float32, copy=True).div_(scale).clamp_(-_FP8_MAX, _FP8_MAX)
+    return w.to(torch.float8_e4m3fn), scale
+
+
+# ---------------------------------------------------------------------------------------------
+# building on meta, checking the plan, streaming
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside lands on the meta device; buffers stay real.
+
+    Buffers computed in ``__init__`` (rotary tables, index maps) are not in any file, so they
+    must keep their values; parameters will all be replaced from the file.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+@dataclass
+class _Plan:
+    routes: dict[str, str] = field(default_factory=dict)  # file key -> parameter / buffer name
+    vision: dict[str, str] = field(default_factory=dict)  # file key -> name inside the vision tower
+    scales: dict[str, str] = field(default_factory=dict)  # file key of a weight -> its scale's key
+    formats: dict[str, torch.dtype] = field(default_factory=dict)  # weight key -> declared storage
+    unexpected: list[str] = field(default_factory=list)
+
+
+def _plan_quant(plan: _Plan, source, path: Path) -> set[str]:
+    """Fill in scales and declared formats; returns the side-tensor keys (not parameters)."""
+    side = quant_side_tensors(source.keys(), getattr(source, "metadata", None))
+    plan.scales = dict(side.scales)
+    for weight, key in side.configs.items():
+        fmt = parse_quant_config(source.get(key), key, path)
+        plan.formats[weight] = check_quant_format(fmt, weight, path)
+    for weight, fmt in side.meta_formats.items():
+        plan.formats.setdefault(weight, check_quant_format(fmt, weight, path))
+    return side.side_keys
+
+
+def _state_names(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(persistent parameters and buffers by name, names of non-persistent buffers)."""
+    expected: dict[str, torch.Tensor] = {}
+    transient: set[str] = set()
+    for mod_name, mod in model.named_modules():
+        pre = mod_name + "." if mod_name else ""
+        for n, p in mod._parameters.items():
+            if p is not None:
+                expected[pre + n] = p
+        for n, b in mod._buffers.items():
+            if n in mod._non_persistent_buffers_set:
+                transient.add(pre + n)
+            elif b is not None:
+                expected[pre + n] = b
+    return expected, transient
+
+
+def _few(names, n: int = 5) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _check_plan(model: nn.Module, plan: _Plan, shapes: dict, path: Path, what: str) -> None:
+    expected, transient = _state_names(model)
+    for key in [k for k, t in plan.routes.items() if t in transient]:
+        del plan.routes[key]  # recomputed by the model, whatever the file says
+    unknown = [k for k, t in plan.routes.items() if t not in expected] + plan.unexpected
+    if unknown:
+        raise WeightFileError(path, f"has {len(unknown)} tensors that are not part of {what}: {_few(unknown)}.",
+                              f"exactly the tensors of {what}")
+    covered = set(plan.routes.values())
+    missing = [n for n in expected if n not in covered and expected[n].is_meta]
+    if missing:
+        raise WeightFileError(path, f"lacks {len(missing)} tensors of {what}: {_few(missing)}.",
+                              f"a complete {what} file (the file may be cut short or of another variant)")
+    for key, target in plan.routes.items():
+        want, got = tuple(expected[target].shape), tuple(shapes[key])
+        if want != got:
+            raise WeightFileError(path, f"tensor '{key}' has shape {list(got)}, but the model built from its config "
+                                        f"needs {list(want)}.", f"tensors matching one {what} configuration")
+    dup = [t for t, c in Counter(plan.routes.values()).items() if c > 1]
+    if dup:
+        raise WeightFileError(path, f"holds several tensors for the same parameter ({_few(dup)}): mixed key layouts.",
+                              "one key layout per file")
+
+
+def _assign(model: nn.Module, target: str, value, scale: torch.Tensor | None) -> None:
+    mod_name, _, attr = target.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if isinstance(value, QuantizedTensor):
+        mod.set_quantized(value.blocks, value.qtype, value.shape)
+        return
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[attr] = value
+    if isinstance(mod, (Linear, Embedding)) and attr == "weight":
+        mod.set_scale(scale)
+
+
+def _is_compact(model: nn.Module, target: str) -> bool:
+    mod_name, _, attr = target.rpartition(".")
+    return attr == "weight" and isinstance(model.get_submodule(mod_name) if mod_name else model, (Linear, Embedding))
+
+
+def _stream(model: nn.Module, source, plan: _Plan, policy: _Policy, path: Path) -> dict[str, torch.Tensor]:
+    """Read, convert and assign every planned tensor; returns the vision tensors, if any."""
+    vision: dict[str, torch.Tensor] = {}
+    device = policy.device
+    for key in source.in_file_order():
+        target = plan.routes.get(key)
+        if target is None and key not in plan.vision:
+            continue
+        raw = source.get(key)
+        compact = target is not None and _is_compact(model, target)
+        if isinstance(raw, QuantizedTensor):
+            value, scale = _gguf_value(raw, compact, policy)
+        else:
+            declared = plan.formats.get(key)
+            if declared is not None and raw.dtype == torch.uint8:
+                raw = raw.view(declared)  # fp8 bytes stored in a uint8 container
+            scale = source.get(plan.scales[key]).to(device) if key in plan.scales else None
+            try:
+                value, scale = policy.convert(target or key, raw.to(device), scale, compact)
+            except ValueError as e:
+                raise WeightFileError(source[key].file if isinstance(source, WeightSource) else path,
+                                      f"has an unusable tensor '{key}': {e}.",
+                                      "finite weights (the file may be damaged)") from None
+        del raw
+        if target is None:
+            vision[plan.vision[key]] = value
+        else:
+            _assign(model, target, value, scale)
+    return vision
+
+
+def _gguf_value(q: QuantizedTensor, compact: bool, policy: _Policy):
+    blocks = q.blocks.to(policy.device)
+    if compact:
+        return QuantizedTensor(blocks, q.qtype, tuple(q.shape)), None
+    cols = 1
+    for n in q.shape[1:]:
+        cols *= n
+    dense = dequantize_rows(blocks.reshape(q.shape[0], -1), q.qtype, cols, policy.dense_dtype(torch.float32))
+    return dense.reshape(q.shape), None
+
+
+def _finish(model: nn.Module, policy: _Policy, path: Path, what: str) -> None:
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise WeightFileError(path, f"did not provide {len(left)} tensors of {what}: {_few(left)}.", f"a complete {what}")
+    for mod in model.modules():
+        for n, b in mod._buffers.items():
+            if b is not None and b.device != policy.device:
+                mod._buffers[n] = b.to(policy.device)
+        if policy.compute_dtype is not None and isinstance(mod, Embedding):
+            mod.compute_dtype = policy.compute_dtype
+    if policy.compute_dtype is not None and hasattr(type(model), "compute_dtype"):
+        with contextlib.suppress(AttributeError):
+            model.compute_dtype = policy.compute_dtype
+    model.eval()
+
+
+def _load(path, component: str, gguf_expect: str, wanted: str, weight_dtype: str, device, compute_dtype,
+          prepare: Callable, fp8_eligible: Callable[[str], bool]):
+    """Shared skeleton; ``prepare(source, found) -> (plan, build)`` where ``build()`` makes the module."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    compute_dtype = _as_dtype(compute_dtype, "compute_dtype")
+    device = torch.device(device)
+    p = Path(path).expanduser()
+    what = EXPECTED[wanted].split(" (")[0]
+    model = source = None
+    failure: BaseException | None = None
+    try:
+        source = _open_source(p, component, gguf_expect)
+        shapes = source.shapes()
+        found = detect(list(source.keys()), shapes, getattr(source, "arch", None))
+        if not found.has(wanted):
+            raise WeightFileError(p, mismatch_message(found, wanted), None)
+        plan, build = prepare(source, found, shapes, p)
+        with _parameters_on_meta():
+            model = build()
+        _check_plan(model, plan, shapes, p, what)
+        policy = _Policy(weight_dtype, device, compute_dtype, isinstance(source, _GGUFSource), fp8_eligible)
+        vision = _stream(model, source, plan, policy, p)
+        _finish(model, policy, p, what)
+        return model, vision
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear error, see below
+        failure = _as_weight_error(e, p, what)
+    finally:
+        if source is not None:
+            source.close()
+    # Outside the except block: the traceback that pinned the half-built model is gone.
+    del model, source
+    _free_memory(device)
+    raise failure
+
+
+def _as_weight_error(e: Exception, path: Path, what: str) -> WeightFileError:
+    if isinstance(e, WeightFileError):
+        err = WeightFileError(e.path, e.problem, e.expected)
+    elif isinstance(e, getattr(torch, "OutOfMemoryError", ())) or isinstance(e, MemoryError):
+        err = WeightFileError(path, f"did not fit in memory while loading ({e}).",
+                              "more free memory: close other models, or choose weight_dtype fp8_e4m3fn or a GGUF file")
+    else:
+        # Formatted to text: a log record holding exc_info would keep the model alive via its frames.
+        logger.error("loading %s failed:\n%s", path, "".join(traceback.format_exception(e)))
+        err = WeightFileError(path, f"could not be loaded as {what} ({type(e).__name__}: {e}).", None)
+    e.__traceback__ = None
+    return err
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# MMDiT
+
+
+def _mmdit_config(config, file_config: dict | None, shapes: dict[str, tuple]):
+    from ..mmdit import MMDiTConfig
+
+    if isinstance(config, MMDiTConfig):
+        return config
+    values = dict(file_config) if file_config is not None else mmdit_config_from_shapes(shapes)
+    values.update(config or {})
+    return MMDiTConfig.from_diffusers_config(values)
+
+
+def load_mmdit(path, weight_dtype: str = "default", device="cpu", compute_dtype=None, config=None):
+    """Load a Qwen-Image MMDiT from a single file, a diffusers ``transformer/`` folder (or its
+    pipeline folder) or a GGUF file.
+
+    ``weight_dtype``: "default" keeps what is stored (fp8 stays fp8 with its scales, GGUF stays
+    quantized), "bf16"/"fp16"/"fp32" convert everything, "fp8_e4m3fn" stores the transformer
+    blocks' Linear weights as float8 with a per-tensor scale and the rest in bf16.
+    ``config``: an ``MMDiTConfig`` to use as is, or a dict of diffusers config values laid over the
+    file's (e.g. ``{"zero_cond_t": True}`` for Edit-2511); by default read from config.json or
+    inferred from the tensor shapes.
+    """
+    from ..mmdit import MMDiTConfig, QwenImageMMDiT
+
+    if config is not None and not isinstance(config, (MMDiTConfig, dict)):
+        raise ValueError(f"config must be an MMDiTConfig, a dict of diffusers config values or None, "
+                         f"got {type(config).__name__}")
+
+    def prepare(source, found: Detected, shapes, p: Path):
+        plan = _Plan()
+        side = _plan_quant(plan, source, p)
+        prefix = mmdit_prefix(source.keys()) or ""
+        for key in source.keys():
+            if key in side:
+                continue
+            target = mmdit_key(key, prefix)
+            if target is not None:
+                plan.routes[key] = target
+        ours = {t: shapes[k] for k, t in plan.routes.items()}
+        try:
+            cfg = _mmdit_config(config, source.config, ours)
+        except KeyError as e:
+            raise WeightFileError(p, f"lacks the MMDiT tensor {e.args[0]!r}.", EXPECTED["qwen_image_mmdit"]) from None
+        except ValueError as e:
+            raise WeightFileError(p, f"does not give a usable MMDiT configuration ({e}).",
+                                  EXPECTED["qwen_image_mmdit"]) from None
+
+        return plan, lambda: QwenImageMMDiT(cfg)
+
+    model, _ = _load(path, "transformer", "mmdit", "qwen_image_mmdit", weight_dtype, device, compute_dtype,
+                     prepare, lambda name: name.startswith("transformer_blocks."))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# text encoder
+
+_TEXT_ANCHOR = re.compile(r"^(.*?)(?:model\.)?(?:language_model\.)?layers\.0\.self_attn\.q_proj\.weight$")
+
+
+def _text_prefix(names) -> str:
+    found = [m.group(1) for n in names if (m := _TEXT_ANCHOR.match(n))]
+    return min(found, key=len) if found else ""
+
+
+def load_text_encoder(path, weight_dtype: str = "default", device="cpu", compute_dtype=None, mmproj=None):
+    """Load the Qwen2.5-VL language model; returns ``(model, vision_state)``.
+
+    ``vision_state`` holds the vision-tower tensors found in the same file (names inside the
+    tower, plain float tensors on ``device``), or those of the ``mmproj`` GGUF when given; None
+    when there are none. ``weight_dtype`` as for :func:`load_mmdit` ("fp8_e4m3fn" quantizes the
+    decoder layers' Linear weights).
+    """
+    from ..text_encoder import QwenTextEncoder, TextEncoderConfig
+    from .keys_text import DROP, VISION, text_key
+
+    def prepare(source, found: Detected, shapes, p: Path):
+        plan = _Plan()
+        side = _plan_quant(plan, source, p)
+        names = [k for k in source.keys() if k not in side]
+        prefix = _text_prefix(names)
+        for key in names:
+            if prefix and not key.startswith(prefix):
+                continue
+            try:
+                kind, new = text_key(key[len(prefix):])
+            except ValueError:
+                plan.unexpected.append(key)
+                continue
+            if kind == VISION:
+                plan.vision[key] = new
+            elif kind != DROP:
+                plan.routes[key] = new
+        ours = {t: shapes[k] for k, t in plan.routes.items()}
+        try:
+            if isinstance(source, _GGUFSource):
+                from .gguf_reader import text_config_from_metadata
+
+                cfg = TextEncoderConfig(**text_config_from_metadata(source.metadata, source.tensors, p))
+            elif source.config is not None:
+                cfg = TextEncoderConfig.from_hf_config(source.config)
+            else:
+                cfg = TextEncoderConfig.infer_from_state_dict(ours)
+        except ValueError as e:
+            raise WeightFileError(p, f"does not describe a usable text encoder ({e}).",
+                                  EXPECTED["qwen25vl_text_encoder"]) from None
+        return plan, lambda: QwenTextEncoder(cfg)
+
+    model, vision = _load(path, "text_encoder", "text", "qwen25vl_text_encoder", weight_dtype, device,
+                          compute_dtype, prepare, lambda name: name.startswith("layers."))
+    if mmproj is not None:
+        vision = _load_mmproj(mmproj, torch.device(device), _as_dtype(compute_dtype, "compute_dtype"))
+    return model, (vision or None)
+
+
+def _load_mmproj(path, device: torch.device, compute_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise WeightFileError(p, "does not exist.", "the Qwen2.5-VL mmproj GGUF next to the text-encoder GGUF")
+    contents = _read_gguf(p, "mmproj")
+    policy = _Policy("default", device, compute_dtype, from_gguf=True)
+    out = {}
+    for name, t in contents.tensors.items():
+        # Same names as the vision tensors of a safetensors file: inside the tower.
+        name = name[len("visual."):] if name.startswith("visual.") else name
+        if isinstance(t, QuantizedTensor):
+            out[name] = _gguf_value(t, False, policy)[0]
+        else:
+            out[name] = _dense(t.to(device), None, policy.dense_dtype(t.dtype)) if t.is_floating_point() else t.to(device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+
+_VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def load_vae(path, dtype=torch.float32, device="cpu"):
+    """Load the Wan-2.1 / Qwen-Image VAE (original Wan names, diffusers names or a diffusers
+    ``vae/`` folder), every floating tensor stored as ``dtype``."""
+    from ..vae import VAEConfig, WanVAE
+    from .keys_vae import infer_num_res_blocks, is_diffusers_name, vae_key
+
+    dtype = _as_dtype(dtype, "dtype") or torch.float32
+
+    def prepare(source, found: Detected, shapes, p: Path):
+        plan = _Plan()
+        side = _plan_quant(plan, source, p)
+        names = [k for k in source.keys() if k not in side]
+        prefix = (find_prefix(names, "encoder.conv1.weight", _VAE_PREFIXES)
+                  or find_prefix(names, "encoder.conv_in.weight", _VAE_PREFIXES)
+                  or find_prefix(names, "decoder.conv1.weight", _VAE_PREFIXES)
+                  or find_prefix(names, "decoder.conv_in.weight", _VAE_PREFIXES) or "")
+        inside = [k for k in names if k.startswith(prefix)]
+        blocks = infer_num_res_blocks(k[len(prefix):] for k in inside if is_diffusers_name(k[len(prefix):]))
+        for key in inside:
+            try:
+                plan.routes[key] = vae_key(key[len(prefix):], blocks)
+            except ValueError:
+                plan.unexpected.append(key)
+        ours = {t: shapes[k] for k, t in plan.routes.items()}
+        if source.config is not None:
+            try:
+                cfg = VAEConfig.from_diffusers_config(source.config)
+            except ValueError as e:
+                raise WeightFileError(p, f"has a VAE config this loader cannot use ({e}).", EXPECTED["wan_vae"]) from None
+        else:
+            cfg = VAEConfig.infer_from_state_dict(ours, path=p)
+        return plan, lambda: WanVAE(cfg)
+
+    model, _ = _load(path, "vae", "vae", "wan_vae", "default", device, dtype, prepare, lambda name: False)
+    # "default" plus compute_dtype stores non-Linear tensors in compute_dtype; make it all of them.
+    for mod in model.modules():
+        for n, prm in mod._parameters.items():
+            if prm is not None and prm.is_floating_point() and prm.dtype != dtype:
+                mod._parameters[n] = nn.Parameter(prm.to(dtype), requires_grad=False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# inspection
+
+
+@dataclass
+class FileSummary:
+    kind: str
+    layout: str
+    dtypes: Counter
+    n_tensors: int
+    friendly: str
+    detail: str = ""
+
+
+def inspect_file(path, component: str | None = None) -> FileSummary:
+    """What a file or folder holds, from its header only (no tensor data is read)."""
+    p = Path(path).expanduser()
+    if p.is_file() and is_gguf(p):
+        names, shapes, dtypes, arch = _gguf_header(p)
+        layout = f"GGUF ({arch})" if arch else "GGUF"
+    else:
+        with open_weights(p, component=component) as source:
+            names = list(source.keys())
+            shapes = source.shapes()
+            dtypes = Counter(str(source[k].dtype).replace("torch.", "") for k in names)
+            layout = source.layout
+            arch = None
+            if any(n.rsplit(".", 1)[-1] in ("scaled_fp8", "comfy_quant") for n in names):
+                layout += ", scaled fp8"
+    found = detect(names, shapes, arch)
+    return FileSummary(found.kind, layout, dtypes, len(names), found.friendly, found.detail)
+
+
+def _gguf_header(p: Path):
+    try:
+        from .dequant import GGML_TYPES
+        from .gguf_reader import read_header
+    except ImportError as e:
+        raise WeightFileError(p, f"is a GGUF file, but GGUF support is not available ({e}).", None) from None
+    header = read_header(p)
+    names = [t.name for t in header.tensors]
+    shapes = {t.name: tuple(t.shape) for t in header.tensors}
+    dtypes = Counter(GGML_TYPES[t.qtype].name if t.qtype in GGML_TYPES else str(t.qtype) for t in header.tensors)
+    arch = header.metadata.get("general.architecture")
+    return names, shapes, dtypes, (str(arch) if arch is not None else None)

@@ -1,0 +1,62 @@
+"""The objects that travel between our nodes (QWENIMAGE_MODEL, _TEXT_ENCODER, _VAE).
+
+ComfyUI caches node outputs and may hand the same object to several downstream nodes, so
+handles are immutable: a LoRA node returns a new handle that shares the 20 B module and adds a
+patch description; the patches are attached to the module only while a sampler runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+MODEL_TYPE = "QWENIMAGE_MODEL"
+TEXT_ENCODER_TYPE = "QWENIMAGE_TEXT_ENCODER"
+VAE_TYPE = "QWENIMAGE_VAE"
+
+VARIANTS = ("auto", "qwen-image", "edit", "edit-2509", "edit-2511")
+
+
+@dataclass(frozen=True)
+class DiffusionModel:
+    module: torch.nn.Module
+    name: str
+    variant: str
+    weight_format: str
+    # (lora_id, LoraWeights, strength) in application order
+    loras: tuple = ()
+    options: dict = field(default_factory=dict)
+
+    def with_lora(self, lora_id: str, weights: Any, strength: float) -> "DiffusionModel":
+        return replace(self, loras=self.loras + ((lora_id, weights, float(strength)),))
+
+    def describe(self) -> str:
+        extra = f", {len(self.loras)} LoRA(s)" if self.loras else ""
+        return f"{self.name} [{self.variant}, {self.weight_format}{extra}]"
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    module: torch.nn.Module
+    tokenizer: Any
+    name: str
+    vision: Any = None  # vision tower (edit models); None when the file has none
+
+
+@dataclass(frozen=True)
+class VAE:
+    module: torch.nn.Module
+    name: str
+
+
+def variant_from_name(filename: str) -> str:
+    """Guess the model variant from a file name, as users keep the official names."""
+    n = filename.lower().replace("_", "-")
+    if "edit" in n:
+        if "2511" in n:
+            return "edit-2511"
+        if "2509" in n:
+            return "edit-2509"
+        return "edit"
+    return "qwen-image"

@@ -1,0 +1,194 @@
+"""Loader nodes: the MMDiT, the text encoder and the VAE, from every file layout users have."""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+
+from ..model_defs.weights import load as weight_load
+from . import runtime
+from .handles import MODEL_TYPE, TEXT_ENCODER_TYPE, VAE_TYPE, VARIANTS, VAE, DiffusionModel, TextEncoder, variant_from_name
+
+WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+
+_NONE = "none"
+
+
+def _choices(kind: str) -> list[str]:
+    files = runtime.list_model_files(kind)
+    return files if files else [f"(no files in models/{runtime.FOLDERS[kind][0]})"]
+
+
+def _placeholder(name: str) -> bool:
+    return name.startswith("(no files in")
+
+
+def _resolve(kind: str, name: str) -> Path:
+    if _placeholder(name):
+        raise FileNotFoundError(
+            f"No model file selected: put one in ComfyUI/models/{runtime.FOLDERS[kind][0]} "
+            "(see the pack's README for which file goes where), then refresh the page."
+        )
+    return runtime.resolve_model_file(kind, name)
+
+
+def _free_before_load() -> None:
+    gc.collect()
+    runtime.soft_empty_cache()
+
+
+class QwenImageDiTLoader:
+    """Loads the Qwen-Image MMDiT (any variant) from safetensors, a diffusers folder or GGUF."""
+
+    CATEGORY = "Qwen-Image/loaders"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    DESCRIPTION = (
+        "Loads a Qwen-Image diffusion model (Qwen-Image, 2512, Edit, Edit-2509, Edit-2511) from "
+        "models/diffusion_models: bf16/fp16/fp8 safetensors, a diffusers transformer folder, or GGUF."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (_choices("diffusion_models"), {"tooltip": "File in models/diffusion_models (or unet)."}),
+                "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": "How weights are kept in memory. 'default' keeps the file's format; fp8_e4m3fn halves a bf16 file's memory (per-tensor scaled)."}),
+            },
+            "optional": {
+                "variant": (VARIANTS, {"default": "auto", "tooltip": "auto reads the file name (edit, 2509, 2511). Edit-2511 needs its zero-timestep reference conditioning."}),
+            },
+        }
+
+    def load(self, model_name, weight_dtype="default", variant="auto"):
+        path = _resolve("diffusion_models", model_name)
+        if variant == "auto":
+            variant = variant_from_name(Path(model_name).name)
+        _free_before_load()
+        module = weight_load.load_mmdit(
+            path,
+            weight_dtype=weight_dtype,
+            device=runtime.offload_device(),
+            compute_dtype=runtime.compute_dtype(runtime.compute_device()),
+        )
+        set_variant(module, variant)
+        fmt = "gguf" if path.suffix.lower() == ".gguf" else _weight_format(module)
+        return (DiffusionModel(module=module, name=Path(model_name).name, variant=variant, weight_format=fmt),)
+
+
+def set_variant(module: torch.nn.Module, variant: str) -> None:
+    """Edit-2511 conditions reference tokens on t=0 (zero_cond_t); the others do not."""
+    zero = variant == "edit-2511"
+    cfg = getattr(module, "config", None)
+    if cfg is not None and hasattr(cfg, "zero_cond_t"):
+        cfg.zero_cond_t = zero
+    if hasattr(module, "zero_cond_t"):
+        module.zero_cond_t = zero
+
+
+def _weight_format(module: torch.nn.Module) -> str:
+    counts: dict[str, int] = {}
+    for p in module.parameters():
+        if p.ndim == 2:
+            key = str(p.dtype).replace("torch.", "")
+            counts[key] = counts.get(key, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else "unknown"
+
+
+class QwenImageTextEncoderLoader:
+    """Loads Qwen2.5-VL-7B (language model, and the vision tower when present) and its tokenizer."""
+
+    CATEGORY = "Qwen-Image/loaders"
+    RETURN_TYPES = (TEXT_ENCODER_TYPE,)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "load"
+    DESCRIPTION = (
+        "Loads the Qwen2.5-VL-7B text encoder from models/text_encoders (qwen_2.5_vl_7b*.safetensors, "
+        "a diffusers text_encoder folder, or a GGUF with its mmproj file for the vision tower)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder_name": (_choices("text_encoders"), {"tooltip": "File in models/text_encoders (or clip)."}),
+            },
+            "optional": {
+                "weight_dtype": (WEIGHT_DTYPES, {"default": "default"}),
+                "mmproj_name": ([_NONE] + [f for f in runtime.list_model_files("text_encoders") if f.lower().endswith(".gguf")], {"default": _NONE, "tooltip": "GGUF text encoders keep the vision tower in a separate mmproj file (needed for edit)."}),
+            },
+        }
+
+    def load(self, text_encoder_name, weight_dtype="default", mmproj_name=_NONE):
+        from ..model_defs import tokenizer as tok
+
+        path = _resolve("text_encoders", text_encoder_name)
+        _free_before_load()
+        device = runtime.compute_device()
+        module, vision_state = weight_load.load_text_encoder(
+            path, weight_dtype=weight_dtype, device=runtime.offload_device(), compute_dtype=runtime.compute_dtype(device)
+        )
+        try:
+            tokenizer = _tokenizer_for(path, tok)
+        except Exception:
+            del module, vision_state
+            _free_before_load()
+            raise
+        if mmproj_name not in (None, "", _NONE):
+            vision_state = weight_load.load_mmproj(runtime.resolve_model_file("text_encoders", mmproj_name)) if hasattr(weight_load, "load_mmproj") else vision_state
+        return (TextEncoder(module=module, tokenizer=tokenizer, name=Path(text_encoder_name).name, vision=vision_state or None),)
+
+
+def _tokenizer_for(path: Path, tok):
+    if path.suffix.lower() == ".gguf":
+        try:
+            from ..model_defs.weights.gguf_tokenizer import tokenizer_from_gguf
+
+            return tokenizer_from_gguf(path)
+        except Exception as err:  # fall back to the usual places, but keep the reason
+            gguf_error = err
+    else:
+        gguf_error = None
+    try:
+        folder = tok.find_tokenizer_dir(path, extra_dirs=runtime.tokenizer_search_dirs())
+    except FileNotFoundError as err:
+        if gguf_error is not None:
+            raise FileNotFoundError(f"{err} (the GGUF's own tokenizer could not be used either: {gguf_error})") from err
+        raise
+    return tok.QwenTokenizer(folder)
+
+
+class QwenImageVAELoader:
+    """Loads the Qwen-Image (Wan-2.1) VAE in original or diffusers key names."""
+
+    CATEGORY = "Qwen-Image/loaders"
+    RETURN_TYPES = (VAE_TYPE,)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads the Qwen-Image VAE (qwen_image_vae.safetensors, or a diffusers vae folder) from models/vae."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": (_choices("vae"), {"tooltip": "File in models/vae."})}}
+
+    def load(self, vae_name):
+        path = _resolve("vae", vae_name)
+        device = runtime.compute_device()
+        # The VAE is small; fp32 on the CPU, the GPU's compute dtype otherwise (bf16 keeps it exact enough).
+        dtype = torch.float32 if device.type == "cpu" else runtime.compute_dtype(device)
+        module = weight_load.load_vae(path, dtype=dtype, device=runtime.offload_device())
+        return (VAE(module=module, name=Path(vae_name).name),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "QwenImageDiTLoader": QwenImageDiTLoader,
+    "QwenImageTextEncoderLoader": QwenImageTextEncoderLoader,
+    "QwenImageVAELoader": QwenImageVAELoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QwenImageDiTLoader": "Load Qwen-Image Diffusion Model",
+    "QwenImageTextEncoderLoader": "Load Qwen-Image Text Encoder",
+    "QwenImageVAELoader": "Load Qwen-Image VAE",
+}

@@ -1,0 +1,237 @@
+"""Everything the nodes need from their host, inside ComfyUI or in plain Python.
+
+This is the only module that imports ``comfy`` / ``folder_paths``. Outside ComfyUI (tests,
+scripts) model files come from ``$QWENIMAGE_MODELS_DIR/<folder>``, progress goes nowhere and
+there is nothing to interrupt.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+log = logging.getLogger("qwenimage")
+
+try:  # pragma: no cover - exercised only inside ComfyUI
+    import folder_paths  # type: ignore
+    import comfy.model_management as _mm  # type: ignore
+    import comfy.utils as _cu  # type: ignore
+
+    IN_COMFYUI = True
+except Exception:  # ImportError, or a half-initialised ComfyUI in odd test set-ups
+    folder_paths = None
+    _mm = None
+    _cu = None
+    IN_COMFYUI = False
+
+MODELS_DIR_ENV = "QWENIMAGE_MODELS_DIR"
+
+# What our loaders read. Pickle formats are deliberately absent: listing them would only
+# invite files we refuse to unpickle.
+WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+GGUF_EXTENSIONS = (".gguf",)
+
+# Our folder kind -> the folder names used on disk (ComfyUI's key first, then its aliases).
+FOLDERS = {
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+    "vae": ("vae",),
+    "loras": ("loras",),
+    "controlnet": ("controlnet",),
+    "model_patches": ("model_patches",),
+}
+
+# Index / single-file names that make a directory a diffusers component folder.
+_DIFFUSERS_MARKERS = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors.index.json",
+)
+
+
+class ModelFileNotFound(FileNotFoundError):
+    pass
+
+
+def _base_dirs(kind: str) -> list[Path]:
+    if kind not in FOLDERS:
+        raise KeyError(f"unknown model folder kind {kind!r}")
+    dirs: list[Path] = []
+    if IN_COMFYUI:
+        for name in FOLDERS[kind]:
+            try:
+                dirs += [Path(p) for p in folder_paths.get_folder_paths(name)]
+            except KeyError:
+                continue
+    root = os.environ.get(MODELS_DIR_ENV)
+    if root:
+        dirs += [Path(root) / name for name in FOLDERS[kind]]
+    seen, unique = set(), []
+    for d in dirs:
+        key = os.path.normcase(os.path.abspath(d))
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    return unique
+
+
+def _is_diffusers_folder(d: Path) -> bool:
+    return any((d / m).is_file() for m in _DIFFUSERS_MARKERS) or any(d.glob("*.safetensors.index.json"))
+
+
+def list_model_files(kind: str, gguf: bool = True) -> list[str]:
+    """Loadable files (and diffusers component folders) under every folder of ``kind``,
+    as '/'-separated paths relative to their base folder."""
+    exts = WEIGHT_EXTENSIONS + (GGUF_EXTENSIONS if gguf else ())
+    found: set[str] = set()
+    for base in _base_dirs(kind):
+        if not base.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            here = Path(dirpath)
+            rel_dir = here.relative_to(base)
+            if here != base and _is_diffusers_folder(here):
+                found.add(rel_dir.as_posix())
+                dirnames[:] = []
+                continue
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in filenames:
+                if f.lower().endswith(exts) and not _is_shard(f):
+                    found.add((rel_dir / f).as_posix())
+    return sorted(found, key=str.lower)
+
+
+def _is_shard(filename: str) -> bool:
+    # "model-00001-of-00004.safetensors": a piece of a folder, not a model on its own.
+    stem = filename.rsplit(".", 1)[0]
+    parts = stem.split("-")
+    return len(parts) >= 3 and parts[-2] == "of" and parts[-1].isdigit() and parts[-3].isdigit()
+
+
+def resolve_model_file(kind: str, name: str) -> Path:
+    """The full path of ``name`` as listed by :func:`list_model_files`."""
+    if os.path.isabs(name) and os.path.exists(name):
+        return Path(name)
+    tried = []
+    for base in _base_dirs(kind):
+        p = base / name
+        tried.append(str(base))
+        if p.exists():
+            return p
+    where = ", ".join(tried) if tried else f"no folder (inside ComfyUI use models/{FOLDERS[kind][0]}; outside it set ${MODELS_DIR_ENV})"
+    raise ModelFileNotFound(f"{name!r} was not found in the {FOLDERS[kind][0]} folder. Looked in: {where}.")
+
+
+def tokenizer_search_dirs() -> list[Path]:
+    """Where a tokenizer may live before we look next to the text-encoder file."""
+    dirs: list[Path] = []
+    if IN_COMFYUI:
+        try:
+            import comfy  # type: ignore
+
+            dirs.append(Path(comfy.__file__).parent / "text_encoders" / "qwen25_tokenizer")
+        except Exception:
+            pass
+    return dirs
+
+
+# ----------------------------------------------------------------------------- devices
+
+def compute_device() -> torch.device:
+    if IN_COMFYUI:
+        return _mm.get_torch_device()
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    if IN_COMFYUI:
+        return _mm.unet_offload_device()
+    return torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU has it, fp16 on older GPUs (the models guard fp16 overflow), fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def free_device_memory(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 62
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def request_memory(bytes_needed: int, device: torch.device) -> None:
+    """Ask the host to evict its own models so ``bytes_needed`` fits on ``device``."""
+    if IN_COMFYUI and device.type != "cpu":
+        _mm.free_memory(bytes_needed, device)
+
+
+def soft_empty_cache() -> None:
+    if IN_COMFYUI:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- progress
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
+    if IN_COMFYUI:
+        _mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """Step progress with optional latent previews; a no-op outside ComfyUI."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self._bar = _cu.ProgressBar(total) if IN_COMFYUI else None
+
+    def update(self, step: int, preview_image=None) -> None:
+        if self._bar is None:
+            return
+        preview = None
+        if preview_image is not None:
+            preview = ("JPEG", preview_image, _preview_size())
+        self._bar.update_absolute(step, self.total, preview)
+
+
+def _preview_size() -> int:
+    try:
+        from comfy.cli_args import args  # type: ignore
+
+        return int(args.preview_size)
+    except Exception:
+        return 512
+
+
+def previews_enabled() -> bool:
+    if not IN_COMFYUI:
+        return False
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args  # type: ignore
+
+        return args.preview_method != LatentPreviewMethod.NoPreviews
+    except Exception:
+        return True
+
+
+def warn(message: str) -> None:
+    """A notice the user should see: ComfyUI prints logging warnings to its console."""
+    log.warning(message)
+
+
+def iter_unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))

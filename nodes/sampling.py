@@ -1,0 +1,264 @@
+"""The sampler node: rectified-flow Euler with Qwen-Image's schedule and true CFG."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model_defs import latent_format as lf
+from ..model_defs import sampling as fm
+from ..model_defs import schedule
+from . import placement, runtime
+from .handles import MODEL_TYPE
+
+SAMPLERS = ("euler",)
+
+
+@dataclass(eq=False)
+class Cond:
+    """One CONDITIONING entry, ready for the model."""
+
+    context: torch.Tensor  # [1 or B, L, D]
+    mask: torch.Tensor | None  # [1 or B, L] bool, None = all real tokens
+    refs: list  # normalized reference latents [1 or B,16,h,w]
+    control: object = None
+
+
+def _as_conds(conditioning, what: str) -> list[Cond]:
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(f"{what} conditioning is empty; connect a Qwen-Image Text Encode (or CLIP Text Encode) output")
+    out = []
+    for entry in conditioning:
+        if not (isinstance(entry, (list, tuple)) and len(entry) >= 2 and isinstance(entry[0], torch.Tensor)):
+            raise ValueError(f"{what} conditioning is not in ComfyUI's [[tensor, dict], ...] format")
+        ctx, extra = entry[0], entry[1] or {}
+        if ctx.ndim != 3:
+            raise ValueError(f"{what} conditioning tensor must be [batch, tokens, features]; got {tuple(ctx.shape)}")
+        mask = extra.get("attention_mask")
+        if mask is not None:
+            mask = mask.reshape(mask.shape[0], -1).bool()
+            if bool(mask.all()):
+                mask = None
+        refs = [lf.normalize(lf.to_4d(r)[0].float()) for r in (extra.get("reference_latents") or [])]
+        out.append(Cond(context=ctx, mask=mask, refs=refs, control=extra.get("control")))
+    return out
+
+
+def _check_context(cond: Cond, module: torch.nn.Module, what: str) -> None:
+    want = getattr(getattr(module, "config", None), "joint_attention_dim", None)
+    if want is not None and cond.context.shape[-1] != want:
+        raise ValueError(
+            f"{what} conditioning has {cond.context.shape[-1]} features per token but this Qwen-Image model "
+            f"expects {want}: it was made by a different text encoder (use Qwen2.5-VL-7B)"
+        )
+
+
+def _expand(t: torch.Tensor, batch: int) -> torch.Tensor:
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise ValueError(f"conditioning batch {t.shape[0]} does not match the latent batch {batch}")
+
+
+def _pad_tokens(ctx: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, n = ctx.shape[:2]
+    m = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=ctx.device)
+    if n < length:
+        ctx = F.pad(ctx, (0, 0, 0, length - n))
+        m = F.pad(m, (0, length - n), value=False)
+    return ctx, m
+
+
+class _Guided:
+    """velocity(x, sigma) for one model, positive / negative conditioning and a CFG scale."""
+
+    def __init__(self, module, device, pos: list[Cond], neg: list[Cond] | None, cfg: float, batch_cfg: bool = True):
+        self.module, self.device = module, device
+        self.pos, self.neg, self.cfg = pos, neg, cfg
+        self.batch_cfg = batch_cfg
+
+    def _forward(self, x, sigma, ctx, mask, refs, control):
+        kwargs = {}
+        if mask is not None:
+            kwargs["context_mask"] = mask.to(self.device)
+        if refs:
+            kwargs["ref_latents"] = [r.to(self.device) for r in refs]
+        if control is not None:
+            kwargs["control"] = control
+        return self.module(x, sigma, ctx.to(self.device), **kwargs).float()
+
+    def _one(self, x, sigma, c: Cond):
+        b = x.shape[0]
+        mask = None if c.mask is None else _expand(c.mask, b)
+        return self._forward(x, sigma, _expand(c.context, b), mask, [_expand(r, b) for r in c.refs], c.control)
+
+    def _mean(self, x, sigma, conds: list[Cond]):
+        out = self._one(x, sigma, conds[0])
+        for c in conds[1:]:
+            out = out + self._one(x, sigma, c)
+        return out / len(conds)
+
+    def _can_batch(self) -> bool:
+        if not self.batch_cfg or len(self.pos) != 1 or len(self.neg) != 1:
+            return False
+        p, n = self.pos[0], self.neg[0]
+        if p.control is not None or n.control is not None or len(p.refs) != len(n.refs):
+            return False
+        return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(p.refs, n.refs))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        runtime.check_interrupt()
+        x = x.to(self.device)
+        sigma = sigma.to(self.device)
+        if self.neg is None:
+            return self._mean(x, sigma, self.pos)
+        if self._can_batch():
+            cond, uncond = self._batched(x, sigma)
+        else:
+            cond, uncond = self._mean(x, sigma, self.pos), self._mean(x, sigma, self.neg)
+        return fm.true_cfg(cond, uncond, self.cfg)
+
+    def _batched(self, x, sigma):
+        """Positive and negative in one forward pass (the GPU is better used by one batch of 2B)."""
+        b = x.shape[0]
+        p, n = self.pos[0], self.neg[0]
+        pc, nc = _expand(p.context, b), _expand(n.context, b)
+        pm = None if p.mask is None else _expand(p.mask, b)
+        nm = None if n.mask is None else _expand(n.mask, b)
+        if pc.shape[1] == nc.shape[1] and pm is None and nm is None:
+            ctx, mask = torch.cat([pc, nc]), None
+        else:
+            length = max(pc.shape[1], nc.shape[1])
+            pc, pm = _pad_tokens(pc, pm, length)
+            nc, nm = _pad_tokens(nc, nm, length)
+            ctx, mask = torch.cat([pc, nc]), torch.cat([pm, nm])
+        refs = [torch.cat([_expand(r, b)] * 2) for r in p.refs]
+        out = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, mask, refs, None)
+        return out[:b], out[b:]
+
+
+def sample(
+    model,
+    positive,
+    latent_image: dict,
+    seed: int,
+    steps: int,
+    cfg: float,
+    shift_mode: str = "dynamic",
+    shift: float = 3.0,
+    sampler_name: str = "euler",
+    denoise: float = 1.0,
+    negative=None,
+    device: torch.device | None = None,
+) -> dict:
+    """Run the sampler; the node and scripts share this function."""
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"sampler_name must be one of {SAMPLERS}; got {sampler_name!r}")
+    if not isinstance(latent_image, dict) or "samples" not in latent_image:
+        raise ValueError("latent_image must be a LATENT ({'samples': tensor})")
+    raw, five_d = lf.to_4d(latent_image["samples"])
+    lf.check_channels(raw)
+    b, _, h, w = raw.shape
+
+    module = model.module
+    pos = _as_conds(positive, "positive")
+    neg = None
+    if negative is not None and cfg > 1.0:
+        neg = _as_conds(negative, "negative")
+    elif cfg > 1.0:
+        runtime.warn(f"cfg is {cfg} but no negative conditioning is connected; running without guidance (cfg 1)")
+    for what, conds in (("positive", pos), ("negative", neg or [])):
+        for c in conds:
+            _check_context(c, module, what)
+
+    sigmas = schedule.flow_sigmas(steps, shift_mode, shift, schedule.image_seq_len(h, w))
+    sigmas = sigmas[schedule.denoise_start(steps, denoise):]
+    out = dict(latent_image)
+    if len(sigmas) < 2:
+        return out
+
+    clean = lf.normalize(raw.float())
+    noise = fm.initial_noise(seed, b, h, w)
+    mask = None
+    if latent_image.get("noise_mask") is not None:
+        mask = fm.latent_mask(latent_image["noise_mask"], b, h, w)
+
+    device = torch.device(device) if device is not None else runtime.compute_device()
+    progress = runtime.Progress(len(sigmas) - 1)
+    previews = runtime.previews_enabled()
+
+    def on_step(i, total, x, x0):
+        image = None
+        if previews:
+            from PIL import Image
+
+            image = Image.fromarray(lf.preview_rgb(x0).numpy())
+        progress.update(i + 1, image)
+
+    _sync_loras(model)
+    with placement.on_device(module, device, stream_blocks="transformer_blocks"), torch.inference_mode():
+        velocity = _Guided(module, device, pos, neg, cfg)
+        x = fm.euler_sample(
+            velocity,
+            clean.to(device),
+            noise.to(device),
+            sigmas.to(device),
+            mask=None if mask is None else mask.to(device),
+            callback=on_step,
+        )
+    out["samples"] = lf.from_4d(lf.denormalize(x).cpu(), five_d)
+    return out
+
+
+def _sync_loras(model) -> None:
+    """Attach exactly this handle's LoRAs to the shared module (other handles may have left theirs)."""
+    if not model.loras and not _has_patches(model.module):
+        return
+    from ..model_defs.weights import lora
+
+    lora.apply_loras(model.module, [(weights, strength) for _, weights, strength in model.loras])
+
+
+def _has_patches(module: torch.nn.Module) -> bool:
+    return any(getattr(m, "patches", None) for m in module.modules())
+
+
+class QwenImageSampler:
+    CATEGORY = "Qwen-Image/sampling"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+    DESCRIPTION = (
+        "Samples a Qwen-Image latent. Official settings: 50 steps, cfg 4, shift_mode dynamic. "
+        "Lightning LoRAs: 4 or 8 steps, cfg 1, shift_mode constant, shift 3. For a seed the noise equals "
+        "diffusers' QwenImagePipeline, so results reproduce the reference. denoise < 1 keeps the input "
+        "latent's content (img2img); a LATENT noise_mask limits changes to the mask."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE,),
+                "positive": ("CONDITIONING",),
+                "latent_image": ("LATENT",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+                "cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": "True CFG scale; 1 = one pass, no negative needed."}),
+                "shift_mode": (schedule.SHIFT_MODES, {"default": "dynamic", "tooltip": "dynamic: diffusers' resolution-dependent shift. constant: the shift value below (Lightning: 3)."}),
+                "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01, "tooltip": "Used by shift_mode constant."}),
+                "sampler_name": (SAMPLERS, {"default": "euler"}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            },
+            "optional": {"negative": ("CONDITIONING",)},
+        }
+
+    def run(self, model, positive, latent_image, seed, steps, cfg, shift_mode, shift, sampler_name, denoise, negative=None):
+        return (
+            sample(model, positive, latent_image, seed, steps, cfg, shift_mode, shift, sampler_name, denoise, negative),
+        )
+
+
+NODE_CLASS_MAPPINGS = {"QwenImageSampler": QwenImageSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"QwenImageSampler": "Qwen-Image Sampler"}

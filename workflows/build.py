@@ -1,0 +1,185 @@
+"""Generates the bundled workflows (UI format) and their API-format twins from one description.
+
+Run `python workflows/build.py` after changing a node's inputs or a workflow below; the test
+suite fails when the committed JSON differs from what this script writes.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HF = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
+
+MODELS = {
+    "qwen_image_fp8_e4m3fn.safetensors": (f"{HF}/diffusion_models/qwen_image_fp8_e4m3fn.safetensors", "diffusion_models"),
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": (f"{HF}/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders"),
+    "qwen_image_vae.safetensors": (f"{HF}/vae/qwen_image_vae.safetensors", "vae"),
+}
+
+# Output types of every node used below: (name, type) per slot.
+OUTPUTS = {
+    "QwenImageDiTLoader": [("model", "QWENIMAGE_MODEL")],
+    "QwenImageTextEncoderLoader": [("text_encoder", "QWENIMAGE_TEXT_ENCODER")],
+    "QwenImageVAELoader": [("vae", "QWENIMAGE_VAE")],
+    "QwenImageTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "QwenImageEmptyLatent": [("LATENT", "LATENT")],
+    "QwenImageSampler": [("LATENT", "LATENT")],
+    "QwenImageVAEDecode": [("IMAGE", "IMAGE")],
+    "QwenImageVAEEncode": [("LATENT", "LATENT")],
+    "SaveImage": [],
+    "MarkdownNote": [],
+}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict  # widget name -> value, in the node's widget order
+    inputs: dict = field(default_factory=dict)  # socket name -> (node id, slot, type)
+    pos: tuple = (0, 0)
+    size: tuple = (320, 120)
+    title: str | None = None
+    models: list = field(default_factory=list)
+
+
+def _models_property(names):
+    return [{"name": n, "url": MODELS[n][0], "directory": MODELS[n][1]} for n in names]
+
+
+def ui_workflow(nodes: list[Node]) -> dict:
+    links, next_link = [], 1
+    out_links: dict[tuple[int, int], list[int]] = {}
+    ui_nodes = []
+    for order, n in enumerate(nodes):
+        inputs = []
+        for slot, (name, (src, src_slot, typ)) in enumerate(n.inputs.items()):
+            links.append([next_link, src, src_slot, n.id, slot, typ])
+            out_links.setdefault((src, src_slot), []).append(next_link)
+            inputs.append({"name": name, "type": typ, "link": next_link})
+            next_link += 1
+        ui_nodes.append((order, n, inputs))
+    result_nodes = []
+    for order, n, inputs in ui_nodes:
+        outputs = [
+            {"name": name, "type": typ, "slot_index": i, "links": out_links.get((n.id, i), [])}
+            for i, (name, typ) in enumerate(OUTPUTS[n.type])
+        ]
+        props = {"Node name for S&R": n.type}
+        if n.models:
+            props["models"] = _models_property(n.models)
+        node = {
+            "id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
+            "order": order, "mode": 0, "inputs": inputs, "outputs": outputs, "properties": props,
+            "widgets_values": list(n.widgets.values()),
+        }
+        if n.title:
+            node["title"] = n.title
+        result_nodes.append(node)
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "qwenimage/" + "/".join(n.type for n in nodes))),
+        "revision": 0,
+        "last_node_id": max(n.id for n in nodes),
+        "last_link_id": next_link - 1,
+        "nodes": result_nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+
+
+def api_workflow(nodes: list[Node]) -> dict:
+    prompt = {}
+    for n in nodes:
+        if n.type in ("MarkdownNote", "Note"):
+            continue
+        inputs = {k: v for k, v in n.widgets.items() if not k.startswith("$")}
+        for name, (src, slot, _typ) in n.inputs.items():
+            inputs[name] = [str(src), slot]
+        prompt[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
+    return prompt
+
+
+T2I_PROMPT = (
+    "A cozy bookshop cafe on a rainy evening, warm light spilling onto the wet street, a chalkboard sign "
+    "by the door that reads \"Qwen-Image Books & Tea\", people reading by the window, cinematic, highly detailed."
+)
+
+T2I_NOTE = """## Qwen-Image text to image
+
+**Files** (put them in these ComfyUI folders):
+
+| folder | file |
+|---|---|
+| models/diffusion_models | qwen_image_fp8_e4m3fn.safetensors (20 GB) or qwen_image_bf16.safetensors, or a GGUF such as qwen-image-Q4_K_M.gguf |
+| models/text_encoders | qwen_2.5_vl_7b_fp8_scaled.safetensors (or qwen_2.5_vl_7b.safetensors) |
+| models/vae | qwen_image_vae.safetensors |
+
+The diffusion model loader can store a bf16 file as fp8 (weight_dtype fp8_e4m3fn) to halve its memory.
+
+**Settings**: the official recommendation is 50 steps, cfg 4, shift_mode dynamic and a negative prompt of " ".
+With a Lightning LoRA use 4 or 8 steps, cfg 1, shift_mode constant, shift 3.
+For a given seed the result matches diffusers' QwenImagePipeline.
+"""
+
+
+def t2i() -> list[Node]:
+    return [
+        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"},
+             pos=(20, 40), models=["qwen_image_fp8_e4m3fn.safetensors"]),
+        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"},
+             pos=(20, 200), models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
+        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, pos=(20, 360), models=["qwen_image_vae.safetensors"]),
+        Node(4, "QwenImageTextEncode", {"prompt": T2I_PROMPT}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")},
+             pos=(380, 40), size=(420, 200), title="Positive prompt"),
+        Node(5, "QwenImageTextEncode", {"prompt": " "}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")},
+             pos=(380, 280), size=(420, 120), title="Negative prompt"),
+        Node(6, "QwenImageEmptyLatent", {"width": 1328, "height": 1328, "batch_size": 1, "aspect_ratio": "1:1 (1328x1328)"}, pos=(380, 440)),
+        Node(7, "QwenImageSampler",
+             {"seed": 42, "$control_after_generate": "randomize", "steps": 50, "cfg": 4.0, "shift_mode": "dynamic", "shift": 3.0,
+              "sampler_name": "euler", "denoise": 1.0},
+             inputs={"model": (1, 0, "QWENIMAGE_MODEL"), "positive": (4, 0, "CONDITIONING"), "latent_image": (6, 0, "LATENT"),
+                     "negative": (5, 0, "CONDITIONING")},
+             pos=(840, 40), size=(320, 300)),
+        Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")}, pos=(1200, 40)),
+        Node(9, "SaveImage", {"filename_prefix": "qwen-image"}, inputs={"images": (8, 0, "IMAGE")}, pos=(1200, 200), size=(400, 440)),
+        Node(10, "MarkdownNote", {"text": T2I_NOTE}, pos=(-420, 40), size=(400, 420), title="Read me"),
+    ]
+
+
+WORKFLOWS = {"qwen_image_t2i": t2i}
+
+
+def render() -> dict[Path, str]:
+    files = {}
+    for name, build in WORKFLOWS.items():
+        nodes = build()
+        files[HERE / f"{name}.json"] = json.dumps(ui_workflow(nodes), indent=2, ensure_ascii=False) + "\n"
+        files[HERE / "api" / f"{name}.json"] = json.dumps(api_workflow(nodes), indent=2, ensure_ascii=False) + "\n"
+    return files
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for path, text in render().items():
+        if check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+    if stale:
+        print("out of date:", *map(str, stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
