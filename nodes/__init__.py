@@ -1,8 +1,18 @@
 """ComfyUI node adapters; each family module contributes its classes here."""
-from . import conditioning, latents, loaders, sampling
+import importlib
+
+# One module per node family; each exports NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS.
+FAMILIES = (
+    "loaders",
+    "conditioning",
+    "latents",
+    "sampling",
+    "lora",
+)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _family in (loaders, conditioning, latents, sampling):
+for _name in FAMILIES:
+    _family = importlib.import_module(f".{_name}", __name__)
     NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)

@@ -24,7 +24,7 @@ MAX_SIDE = 8192
 def round16(value: int, what: str) -> int:
     """The MMDiT packs 2x2 latent pixels, so images are made in steps of 16 pixels."""
     value = int(value)
-    rounded = max(16, int(round(value / 16.0)) * 16)
+    rounded = max(16, int(value / 16.0 + 0.5) * 16)  # half up: 1000 -> 1008
     if rounded != value:
         runtime.warn(f"{what} {value} is not a multiple of 16; using {rounded}")
     return rounded

@@ -55,10 +55,10 @@ class QwenImageDiTLoader:
         return {
             "required": {
                 "model_name": (_choices("diffusion_models"), {"tooltip": "File in models/diffusion_models (or unet)."}),
-                "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": "How weights are kept in memory. 'default' keeps the file's format; fp8_e4m3fn halves a bf16 file's memory (per-tensor scaled)."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How weights are kept in memory. 'default' keeps the file's format; fp8_e4m3fn halves a bf16 file's memory (per-tensor scaled)."}),
             },
             "optional": {
-                "variant": (VARIANTS, {"default": "auto", "tooltip": "auto reads the file name (edit, 2509, 2511). Edit-2511 needs its zero-timestep reference conditioning."}),
+                "variant": (list(VARIANTS), {"default": "auto", "tooltip": "auto reads the file name (edit, 2509, 2511). Edit-2511 needs its zero-timestep reference conditioning."}),
             },
         }
 
@@ -116,7 +116,7 @@ class QwenImageTextEncoderLoader:
                 "text_encoder_name": (_choices("text_encoders"), {"tooltip": "File in models/text_encoders (or clip)."}),
             },
             "optional": {
-                "weight_dtype": (WEIGHT_DTYPES, {"default": "default"}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default"}),
                 "mmproj_name": ([_NONE] + [f for f in runtime.list_model_files("text_encoders") if f.lower().endswith(".gguf")], {"default": _NONE, "tooltip": "GGUF text encoders keep the vision tower in a separate mmproj file (needed for edit)."}),
             },
         }
@@ -125,19 +125,20 @@ class QwenImageTextEncoderLoader:
         from ..model_defs import tokenizer as tok
 
         path = _resolve("text_encoders", text_encoder_name)
+        mmproj = None
+        if mmproj_name not in (None, "", _NONE):
+            mmproj = runtime.resolve_model_file("text_encoders", mmproj_name)
+        # The tokenizer first: a missing one should fail before gigabytes are read.
+        tokenizer = _tokenizer_for(path, tok)
         _free_before_load()
         device = runtime.compute_device()
         module, vision_state = weight_load.load_text_encoder(
-            path, weight_dtype=weight_dtype, device=runtime.offload_device(), compute_dtype=runtime.compute_dtype(device)
+            path,
+            weight_dtype=weight_dtype,
+            device=runtime.offload_device(),
+            compute_dtype=runtime.compute_dtype(device),
+            mmproj=mmproj,
         )
-        try:
-            tokenizer = _tokenizer_for(path, tok)
-        except Exception:
-            del module, vision_state
-            _free_before_load()
-            raise
-        if mmproj_name not in (None, "", _NONE):
-            vision_state = weight_load.load_mmproj(runtime.resolve_model_file("text_encoders", mmproj_name)) if hasattr(weight_load, "load_mmproj") else vision_state
         return (TextEncoder(module=module, tokenizer=tokenizer, name=Path(text_encoder_name).name, vision=vision_state or None),)
 
 
@@ -157,7 +158,7 @@ def _tokenizer_for(path: Path, tok):
         if gguf_error is not None:
             raise FileNotFoundError(f"{err} (the GGUF's own tokenizer could not be used either: {gguf_error})") from err
         raise
-    return tok.QwenTokenizer(folder)
+    return tok.QwenTokenizer.from_dir(folder)
 
 
 class QwenImageVAELoader:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+for _p in (HERE, HERE / "specs"):  # specs import `build` and each other by module name
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 HF = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
 
 MODELS = {
@@ -106,59 +109,26 @@ def api_workflow(nodes: list[Node]) -> dict:
     return prompt
 
 
-T2I_PROMPT = (
-    "A cozy bookshop cafe on a rainy evening, warm light spilling onto the wet street, a chalkboard sign "
-    "by the door that reads \"Qwen-Image Books & Tea\", people reading by the window, cinematic, highly detailed."
-)
+def discover() -> dict:
+    """Every workflow described in workflows/specs/*.py (each module exports WORKFLOWS and may add MODELS)."""
+    import importlib.util
 
-T2I_NOTE = """## Qwen-Image text to image
-
-**Files** (put them in these ComfyUI folders):
-
-| folder | file |
-|---|---|
-| models/diffusion_models | qwen_image_fp8_e4m3fn.safetensors (20 GB) or qwen_image_bf16.safetensors, or a GGUF such as qwen-image-Q4_K_M.gguf |
-| models/text_encoders | qwen_2.5_vl_7b_fp8_scaled.safetensors (or qwen_2.5_vl_7b.safetensors) |
-| models/vae | qwen_image_vae.safetensors |
-
-The diffusion model loader can store a bf16 file as fp8 (weight_dtype fp8_e4m3fn) to halve its memory.
-
-**Settings**: the official recommendation is 50 steps, cfg 4, shift_mode dynamic and a negative prompt of " ".
-With a Lightning LoRA use 4 or 8 steps, cfg 1, shift_mode constant, shift 3.
-For a given seed the result matches diffusers' QwenImagePipeline.
-"""
-
-
-def t2i() -> list[Node]:
-    return [
-        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"},
-             pos=(20, 40), models=["qwen_image_fp8_e4m3fn.safetensors"]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"},
-             pos=(20, 200), models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
-        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, pos=(20, 360), models=["qwen_image_vae.safetensors"]),
-        Node(4, "QwenImageTextEncode", {"prompt": T2I_PROMPT}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")},
-             pos=(380, 40), size=(420, 200), title="Positive prompt"),
-        Node(5, "QwenImageTextEncode", {"prompt": " "}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")},
-             pos=(380, 280), size=(420, 120), title="Negative prompt"),
-        Node(6, "QwenImageEmptyLatent", {"width": 1328, "height": 1328, "batch_size": 1, "aspect_ratio": "1:1 (1328x1328)"}, pos=(380, 440)),
-        Node(7, "QwenImageSampler",
-             {"seed": 42, "$control_after_generate": "randomize", "steps": 50, "cfg": 4.0, "shift_mode": "dynamic", "shift": 3.0,
-              "sampler_name": "euler", "denoise": 1.0},
-             inputs={"model": (1, 0, "QWENIMAGE_MODEL"), "positive": (4, 0, "CONDITIONING"), "latent_image": (6, 0, "LATENT"),
-                     "negative": (5, 0, "CONDITIONING")},
-             pos=(840, 40), size=(320, 300)),
-        Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")}, pos=(1200, 40)),
-        Node(9, "SaveImage", {"filename_prefix": "qwen-image"}, inputs={"images": (8, 0, "IMAGE")}, pos=(1200, 200), size=(400, 440)),
-        Node(10, "MarkdownNote", {"text": T2I_NOTE}, pos=(-420, 40), size=(400, 420), title="Read me"),
-    ]
-
-
-WORKFLOWS = {"qwen_image_t2i": t2i}
+    found = {}
+    for path in sorted((HERE / "specs").glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"qwenimage_workflow_specs.{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        MODELS.update(getattr(module, "MODELS", {}))
+        OUTPUTS.update(getattr(module, "OUTPUTS", {}))
+        found.update(module.WORKFLOWS)
+    return found
 
 
 def render() -> dict[Path, str]:
     files = {}
-    for name, build in WORKFLOWS.items():
+    for name, build in discover().items():
         nodes = build()
         files[HERE / f"{name}.json"] = json.dumps(ui_workflow(nodes), indent=2, ensure_ascii=False) + "\n"
         files[HERE / "api" / f"{name}.json"] = json.dumps(api_workflow(nodes), indent=2, ensure_ascii=False) + "\n"

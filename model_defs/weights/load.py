@@ -101,9 +101,11 @@ def _read_gguf(path: Path, expect: str):
         raise WeightFileError(path, f"could not be read as GGUF ({type(e).__name__}: {e}).", "a valid GGUF file") from None
 
 
-def _open_source(path, component: str, gguf_expect: str):
+def _open_source(path, component: str, gguf_expect: str | None):
     p = Path(path).expanduser()
     if p.is_file() and is_gguf(p):
+        if gguf_expect is None:
+            raise WeightFileError(p, f"is a GGUF file; the {component} is not loaded from GGUF.", "a .safetensors file")
         return _GGUFSource(p, _read_gguf(p, gguf_expect))
     return open_weights(p, component=component)
 
@@ -555,6 +557,9 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
     from .keys_vae import infer_num_res_blocks, is_diffusers_name, vae_key
 
     dtype = _as_dtype(dtype, "dtype") or torch.float32
+    weight_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
+    if weight_dtype is None:
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
 
     def prepare(source, found: Detected, shapes, p: Path):
         plan = _Plan()
@@ -581,12 +586,7 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
             cfg = VAEConfig.infer_from_state_dict(ours, path=p)
         return plan, lambda: WanVAE(cfg)
 
-    model, _ = _load(path, "vae", "vae", "wan_vae", "default", device, dtype, prepare, lambda name: False)
-    # "default" plus compute_dtype stores non-Linear tensors in compute_dtype; make it all of them.
-    for mod in model.modules():
-        for n, prm in mod._parameters.items():
-            if prm is not None and prm.is_floating_point() and prm.dtype != dtype:
-                mod._parameters[n] = nn.Parameter(prm.to(dtype), requires_grad=False)
+    model, _ = _load(path, "vae", None, "wan_vae", weight_dtype, device, None, prepare, lambda name: False)
     return model
 
 
