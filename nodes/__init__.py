@@ -8,6 +8,7 @@ FAMILIES = (
     "latents",
     "sampling",
     "lora",
+    "controlnet",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -60,9 +60,10 @@ class QwenImageDiTLoader:
             "optional": {
                 "variant": (list(VARIANTS), {"default": "auto", "tooltip": "auto reads the file name (edit, 2509, 2511). Edit-2511 needs its zero-timestep reference conditioning."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def load(self, model_name, weight_dtype="default", variant="auto"):
+    def load(self, model_name, weight_dtype="default", variant="auto", unique_id=None):
         path = _resolve("diffusion_models", model_name)
         if variant == "auto":
             variant = variant_from_name(Path(model_name).name)
@@ -75,7 +76,14 @@ class QwenImageDiTLoader:
         )
         set_variant(module, variant)
         fmt = "gguf" if path.suffix.lower() == ".gguf" else _weight_format(module)
+        _show_loaded(unique_id, "diffusion_model", model_name, variant=variant, format=fmt)
         return (DiffusionModel(module=module, name=Path(model_name).name, variant=variant, weight_format=fmt),)
+
+
+def _show_loaded(unique_id, kind: str, name: str, **info) -> None:
+    """The loader badge in the browser (js/qwenimage.js): what was loaded, in which format."""
+    if unique_id is not None:
+        runtime.notify_ui("qwenimage.model_info", {"node": str(unique_id), "kind": kind, "name": Path(name).name, **info})
 
 
 def set_variant(module: torch.nn.Module, variant: str) -> None:
@@ -119,9 +127,10 @@ class QwenImageTextEncoderLoader:
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default"}),
                 "mmproj_name": ([_NONE] + [f for f in runtime.list_model_files("text_encoders") if f.lower().endswith(".gguf")], {"default": _NONE, "tooltip": "GGUF text encoders keep the vision tower in a separate mmproj file (needed for edit)."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def load(self, text_encoder_name, weight_dtype="default", mmproj_name=_NONE):
+    def load(self, text_encoder_name, weight_dtype="default", mmproj_name=_NONE, unique_id=None):
         from ..model_defs import tokenizer as tok
 
         path = _resolve("text_encoders", text_encoder_name)
@@ -139,6 +148,8 @@ class QwenImageTextEncoderLoader:
             compute_dtype=runtime.compute_dtype(device),
             mmproj=mmproj,
         )
+        fmt = "gguf" if path.suffix.lower() == ".gguf" else _weight_format(module)
+        _show_loaded(unique_id, "text_encoder", text_encoder_name, format=fmt, vision=bool(vision_state))
         return (TextEncoder(module=module, tokenizer=tokenizer, name=Path(text_encoder_name).name, vision=vision_state or None),)
 
 
@@ -172,14 +183,15 @@ class QwenImageVAELoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae_name": (_choices("vae"), {"tooltip": "File in models/vae."})}}
+        return {"required": {"vae_name": (_choices("vae"), {"tooltip": "File in models/vae."})}, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def load(self, vae_name):
+    def load(self, vae_name, unique_id=None):
         path = _resolve("vae", vae_name)
         device = runtime.compute_device()
         # The VAE is small; fp32 on the CPU, the GPU's compute dtype otherwise (bf16 keeps it exact enough).
         dtype = torch.float32 if device.type == "cpu" else runtime.compute_dtype(device)
         module = weight_load.load_vae(path, dtype=dtype, device=runtime.offload_device())
+        _show_loaded(unique_id, "vae", vae_name, format=str(dtype).replace("torch.", ""))
         return (VAE(module=module, name=Path(vae_name).name),)
 
 

@@ -10,7 +10,8 @@ from collections import OrderedDict
 
 import torch
 
-from ..model_defs.offload import BlockStreamer, module_bytes
+from ..model_defs.offload import module_bytes
+from ..model_defs.streaming import BlockStreamer, blocks_that_fit
 from . import runtime
 
 # id(module) -> module, most recently used last
@@ -69,7 +70,9 @@ def on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str 
         f"the model ({size / 2**30:.1f} GiB) does not fit in free GPU memory; streaming its blocks "
         "from system memory (slower; an fp8 or GGUF model avoids this)"
     )
-    with BlockStreamer(blocks, device, runtime.offload_device()):
+    # Leading blocks that fit next to the streaming window stay on the device: fewer uploads per step.
+    keep = blocks_that_fit(blocks, runtime.free_device_memory(device) - int(_HEADROOM))
+    with BlockStreamer(blocks, device, runtime.offload_device(), keep=keep):
         yield "streamed"
 
 

@@ -228,6 +228,22 @@ def previews_enabled() -> bool:
         return True
 
 
+def notify_ui(event: str, data: dict) -> None:
+    """Send ``data`` to the browser tab that queued the running prompt (js/qwenimage.js shows it
+    on the node). Without a client id nobody could match the node ids, so nothing is sent; a
+    no-op outside ComfyUI."""
+    if not IN_COMFYUI:
+        return
+    try:
+        import server  # type: ignore  # ComfyUI's server module
+
+        instance = server.PromptServer.instance
+        if instance.client_id is not None:
+            instance.send_sync(event, data, instance.client_id)
+    except Exception as err:  # a display nicety must never fail a prompt
+        log.debug("notify_ui(%s) failed: %s", event, err)
+
+
 def warn(message: str) -> None:
     """A notice the user should see: ComfyUI prints logging warnings to its console."""
     log.warning(message)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ..model_defs import latent_format as lf
 from ..model_defs import sampling as fm
 from ..model_defs import schedule
+from . import controlnet as control_nodes
 from . import placement, runtime
 from .handles import MODEL_TYPE
 
@@ -22,7 +23,7 @@ class Cond:
     context: torch.Tensor  # [1 or B, L, D]
     mask: torch.Tensor | None  # [1 or B, L] bool, None = all real tokens
     refs: list  # normalized reference latents [1 or B,16,h,w]
-    control: object = None
+    control: object = None  # a nodes.controlnet.ControlChain, None when uncontrolled
 
 
 def _as_conds(conditioning, what: str) -> list[Cond]:
@@ -41,7 +42,8 @@ def _as_conds(conditioning, what: str) -> list[Cond]:
             if bool(mask.all()):
                 mask = None
         refs = [lf.normalize(lf.to_4d(r)[0].float()) for r in (extra.get("reference_latents") or [])]
-        out.append(Cond(context=ctx, mask=mask, refs=refs, control=extra.get("control")))
+        control = control_nodes.chain_from(extra.get("control"), what) or None
+        out.append(Cond(context=ctx, mask=mask, refs=refs, control=control))
     return out
 
 
@@ -72,12 +74,34 @@ def _pad_tokens(ctx: torch.Tensor, mask: torch.Tensor | None, length: int) -> tu
 
 
 class _Guided:
-    """velocity(x, sigma) for one model, positive / negative conditioning and a CFG scale."""
+    """velocity(x, sigma) for one model, positive / negative conditioning and a CFG scale.
 
-    def __init__(self, module, device, pos: list[Cond], neg: list[Cond] | None, cfg: float, batch_cfg: bool = True):
+    ``sigmas`` (the run's schedule) lets ControlNets know the step for their start/end window.
+    """
+
+    def __init__(self, module, device, pos: list[Cond], neg: list[Cond] | None, cfg: float, batch_cfg: bool = True,
+                 sigmas=None):
         self.module, self.device = module, device
         self.pos, self.neg, self.cfg = pos, neg, cfg
         self.batch_cfg = batch_cfg
+        self.sigmas = [] if sigmas is None else [float(s) for s in sigmas[:-1]]
+        self._step = 0
+        self._hooks: dict[int, object] = {}  # id(control chain) -> this step's hook
+
+    def _control(self, x, sigma, c: Cond):
+        """This step's hook for ``c``'s controls; a chain shared by positive and negative is run
+        once (on the first conditioning asking), so both passes get the same residuals."""
+        if c.control is None:
+            return None
+        key = id(c.control)
+        if key not in self._hooks:
+            b = x.shape[0]
+            mask = None if c.mask is None else _expand(c.mask, b).to(self.device)
+            self._hooks[key] = control_nodes.step_hook(
+                c.control, self.module, x, sigma, _expand(c.context, b).to(self.device), mask,
+                self._step, max(1, len(self.sigmas)),
+            )
+        return self._hooks[key]
 
     def _forward(self, x, sigma, ctx, mask, refs, control):
         kwargs = {}
@@ -92,7 +116,7 @@ class _Guided:
     def _one(self, x, sigma, c: Cond):
         b = x.shape[0]
         mask = None if c.mask is None else _expand(c.mask, b)
-        return self._forward(x, sigma, _expand(c.context, b), mask, [_expand(r, b) for r in c.refs], c.control)
+        return self._forward(x, sigma, _expand(c.context, b), mask, [_expand(r, b) for r in c.refs], self._control(x, sigma, c))
 
     def _mean(self, x, sigma, conds: list[Cond]):
         out = self._one(x, sigma, conds[0])
@@ -104,7 +128,7 @@ class _Guided:
         if not self.batch_cfg or len(self.pos) != 1 or len(self.neg) != 1:
             return False
         p, n = self.pos[0], self.neg[0]
-        if p.control is not None or n.control is not None or len(p.refs) != len(n.refs):
+        if p.control is not n.control or len(p.refs) != len(n.refs):
             return False
         return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(p.refs, n.refs))
 
@@ -112,6 +136,10 @@ class _Guided:
         runtime.check_interrupt()
         x = x.to(self.device)
         sigma = sigma.to(self.device)
+        self._hooks = {}
+        if self.sigmas:
+            s = float(sigma.reshape(-1)[0])
+            self._step = min(range(len(self.sigmas)), key=lambda i: abs(self.sigmas[i] - s))
         if self.neg is None:
             return self._mean(x, sigma, self.pos)
         if self._can_batch():
@@ -135,7 +163,8 @@ class _Guided:
             nc, nm = _pad_tokens(nc, nm, length)
             ctx, mask = torch.cat([pc, nc]), torch.cat([pm, nm])
         refs = [torch.cat([_expand(r, b)] * 2) for r in p.refs]
-        out = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, mask, refs, None)
+        control = self._control(x, sigma, p)  # residuals for b rows, repeated over the 2b
+        out = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, mask, refs, control)
         return out[:b], out[b:]
 
 
@@ -198,8 +227,9 @@ def sample(
         progress.update(i + 1, image)
 
     _sync_loras(model)
-    with placement.on_device(module, device, stream_blocks="transformer_blocks"), torch.inference_mode():
-        velocity = _Guided(module, device, pos, neg, cfg)
+    with control_nodes.prepared(pos + (neg or []), h, w, device), \
+            placement.on_device(module, device, stream_blocks="transformer_blocks"), torch.inference_mode():
+        velocity = _Guided(module, device, pos, neg, cfg, sigmas=sigmas)
         x = fm.euler_sample(
             velocity,
             clean.to(device),

@@ -18,6 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import fp8_matmul
+
+
 class QuantizedTensor(NamedTuple):
     """A GGUF tensor kept in its block format: ``blocks`` is uint8 ``[rows, bytes_per_row]``,
     ``shape`` the logical torch shape (rows == shape[0])."""
@@ -111,11 +114,16 @@ class Linear(_CompactWeight, nn.Linear):
         self.patches.pop(name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dense_weight(x.dtype, x.device)
-        b = self.bias
-        if b is not None and (b.dtype != x.dtype or b.device != x.device):
-            b = b.to(device=x.device, dtype=x.dtype)
-        y = F.linear(x, w, b)
+        y = None
+        if self.weight.dtype in FP8_DTYPES and fp8_matmul.is_enabled():
+            # float8 tensor cores, when switched on and supported; None means dequantize.
+            y = fp8_matmul.try_linear(x, self.weight, self.weight_scale, self.bias)
+        if y is None:
+            w = self.dense_weight(x.dtype, x.device)
+            b = self.bias
+            if b is not None and (b.dtype != x.dtype or b.device != x.device):
+                b = b.to(device=x.device, dtype=x.dtype)
+            y = F.linear(x, w, b)
         for patch in self.patches.values():
             y = patch(x, y)
         return y

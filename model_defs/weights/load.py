@@ -189,23 +189,15 @@ def _quantize_fp8(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside lands on the meta device; buffers stay real.
+    """Build the module on the meta device: every parameter is replaced from the file, so
+    allocating and randomly initialising 20 B parameters first would only cost time and RAM.
 
-    Buffers computed in ``__init__`` (rotary tables, index maps) are not in any file, so they
-    must keep their values; parameters will all be replaced from the file.
+    A device context (not a patched ``nn.Module``) keeps this local to the loading thread. Our
+    models register no buffers with computed values (rotary tables are rebuilt per call), so
+    nothing that the file lacks is lost.
     """
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
+    with torch.device("meta"):
         yield
-    finally:
-        nn.Module.register_parameter = original
 
 
 @dataclass

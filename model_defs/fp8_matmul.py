@@ -1,0 +1,170 @@
+"""Real float8 matmuls for float8 Linear weights (Hopper / Ada GPUs), with proper scales.
+
+A float8 weight is normally dequantized to the activation dtype before each matmul (exact,
+but it costs a full-size bf16 copy of the weight per call). On GPUs with float8 tensor cores
+the matmul can instead run on float8 operands through ``torch._scaled_mm``:
+
+    y = (x_q * s_x) @ (w_q * s_w)^T + b
+
+``w_q`` / ``s_w`` are the stored float8_e4m3fn weight and its per-tensor scale (1 when the file
+has none). The activation is quantized on the fly with a scale computed from the data:
+per row (one scale per token; more accurate when a few tokens are much larger than the rest,
+as in Qwen-Image) or per tensor. ComfyUI's "fp8_e4m3fn_fast" mode casts activations to float8
+with no scale at all, which clips large activations and corrupts images (FACTS 7); scaling
+each row into the float8 range is what avoids that.
+
+Activation scales are powers of two. float8 is a floating-point format, so a power-of-two
+scale loses no relative precision against the exact ``amax / 448`` (at worst one binade of
+headroom at the top), and dividing a bf16 / fp16 tensor by a power of two is exact: the only
+rounding is the one into float8, and the division can run in the activation dtype (no float32
+copy of the activation).
+
+The path is off unless switched on (``set_enabled(True)`` or ``QWENIMAGE_FP8_MATMUL=1``).
+``try_linear`` returns None whenever it does not apply (switch off, no float8 tensor cores,
+shapes the kernel refuses, e5m2 weights, float32 activations), and ``Linear`` then takes the
+exact dequantize path. If the kernel raises for a combination, that combination is remembered
+and falls back from then on, with one warning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+E4M3 = getattr(torch, "float8_e4m3fn", None)
+E4M3_MAX = 448.0
+MODES = ("row", "tensor")
+_HALF = (torch.bfloat16, torch.float16)
+
+_enabled = os.environ.get("QWENIMAGE_FP8_MATMUL", "0").strip().lower() in ("1", "true", "yes", "on")
+_mode = os.environ.get("QWENIMAGE_FP8_MATMUL_MODE", "auto").strip().lower()
+_allow_cpu = False  # tests: torch._scaled_mm also runs (slowly) on the CPU
+_device_ok: dict[tuple[str, int | None], bool] = {}
+_broken: set[tuple] = set()  # (device, mode, out dtype, has bias) combinations the kernel refused
+
+
+def set_enabled(enabled: bool, mode: str = "auto", allow_cpu: bool = False) -> None:
+    """Switch the float8 matmul path on or off.
+
+    ``mode``: "row" (per-token activation scales), "tensor" (one scale per call) or "auto"
+    (row where the kernel accepts it, else tensor). ``allow_cpu`` lets the CPU use it too (slow; for
+    tests and for checking the math without a GPU).
+    """
+    global _enabled, _mode, _allow_cpu
+    if mode not in MODES + ("auto",):
+        raise ValueError(f"fp8 matmul mode must be one of {', '.join(MODES)} or auto, got {mode!r}")
+    _enabled, _mode, _allow_cpu = bool(enabled), mode, bool(allow_cpu)
+    _broken.clear()
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def device_supports(device: torch.device) -> bool:
+    """Whether ``device`` has float8 tensor cores (CUDA compute capability 8.9 or newer)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _allow_cpu and hasattr(torch, "_scaled_mm")
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or E4M3 is None:
+        return False
+    key = (device.type, device.index)
+    ok = _device_ok.get(key)
+    if ok is None:
+        try:
+            ok = torch.cuda.get_device_capability(device) >= (8, 9)
+        except (RuntimeError, AssertionError):
+            ok = False
+        _device_ok[key] = ok
+    return ok
+
+
+def _first_mode() -> str:
+    # "auto" starts with row-wise scaling; where the kernel refuses it (older torch builds on
+    # Ada, float16 output), try_linear drops to per-tensor scaling once and remembers.
+    return "row" if _mode == "auto" else _mode
+
+
+def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two ``s`` with ``amax / s <= 448`` (float32; 1 for an all-zero input)."""
+    amax = amax.float()
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return torch.exp2(torch.ceil(torch.log2(safe / E4M3_MAX)))
+
+
+def quantize_activation(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[M, K]`` -> (float8_e4m3fn ``[M, K]``, float32 scale) with ``x ~= q * scale``.
+
+    ``mode`` "row": scale ``[M, 1]``; "tensor": scale ``[]``. Non-finite inputs stay
+    non-finite (clamping them would hide an upstream problem behind a plausible image).
+    """
+    a = x.abs()
+    amax = a.amax(dim=-1, keepdim=True) if mode == "row" else a.amax()
+    # Clamped to the dtype's smallest normal (a power of two too) so the scale itself is
+    # representable in float16 and the division below never divides by zero.
+    scale = pow2_scale(amax).clamp_min(torch.finfo(x.dtype).tiny)
+    # Exact division by a power of two, then one rounding into float8. The clamp only catches
+    # values that round up past 448 (the scale already bounds the magnitude).
+    q = (x / scale.to(x.dtype)).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, scale
+
+
+def _applicable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (
+        _enabled
+        and w.dtype == E4M3
+        and x.dtype in _HALF
+        and w.dim() == 2
+        and w.device == x.device
+        and x.shape[-1] == w.shape[1]
+        and w.shape[0] % 16 == 0
+        and w.shape[1] % 16 == 0
+        and x.numel() > 0
+        and device_supports(x.device)
+    )
+
+
+def scaled_linear(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None, mode: str
+) -> torch.Tensor:
+    """The float8 matmul itself (no checks): ``x`` ``[..., K]`` half, ``w`` e4m3 ``[N, K]``."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w.shape[0]
+    q, sx = quantize_activation(x.reshape(-1, k), mode)
+    sw = torch.ones((), device=x.device) if w_scale is None else w_scale.to(device=x.device, dtype=torch.float32)
+    if mode == "row":
+        sw = sw.reshape(1, 1).expand(1, n).contiguous()  # row-wise scaling wants both sides row-wise
+    else:
+        sw = sw.reshape(())
+        sx = sx.reshape(())
+    # mat2 must be column-major: the transpose of the row-major [N, K] weight is exactly that.
+    y = torch._scaled_mm(q, w.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=x.dtype)
+    if isinstance(y, tuple):  # older torch returned (out, amax)
+        y = y[0]
+    return y.reshape(*lead, n)
+
+
+def try_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None):
+    """``F.linear`` on float8 operands when possible, else None (the caller dequantizes)."""
+    if not _applicable(x, w):
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
+        bias = bias.to(device=x.device, dtype=x.dtype)
+    first = _first_mode()
+    # Row-wise scaling is refused by some GPU / dtype combinations (e.g. float16 output):
+    # per-tensor scaling is the next best, dequantizing the last resort.
+    for mode in (first, "tensor") if first == "row" else (first,):
+        key = (str(x.device), mode, x.dtype, bias is not None)
+        if key in _broken:
+            continue
+        try:
+            return scaled_linear(x, w, w_scale, bias, mode)
+        except RuntimeError as e:  # remember, so the failing call is not retried every layer
+            _broken.add(key)
+            log.warning("float8 matmul (%s scaling, %s output%s) is not available here (%s); %s",
+                        mode, x.dtype, ", with bias" if bias is not None else "", e,
+                        "trying per-tensor scaling" if mode == "row" else "dequantizing float8 weights instead")
+    return None

@@ -1,0 +1,106 @@
+// js/qwenimage.js itself, with ComfyUI's app / api replaced by small fakes: the extension is copied
+// into a temporary tree shaped like ComfyUI's web root (/scripts/*.js, /extensions/<pack>/).
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import test from "node:test";
+import { fileURLToPath, pathToFileURL } from "node:url";
+
+const JS_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../js");
+
+async function loadExtension() {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), "qwenimage-js-"));
+  fs.mkdirSync(path.join(root, "scripts"));
+  fs.writeFileSync(path.join(root, "scripts", "app.js"), `
+    export const registered = [];
+    export const app = { graph: null, registerExtension(ext) { registered.push(ext); } };`);
+  fs.writeFileSync(path.join(root, "scripts", "api.js"), `
+    export const api = new EventTarget();`);
+  fs.cpSync(JS_DIR, path.join(root, "extensions", "qwenimage"), { recursive: true });
+  const appModule = await import(pathToFileURL(path.join(root, "scripts", "app.js")));
+  const { api } = await import(pathToFileURL(path.join(root, "scripts", "api.js")));
+  await import(pathToFileURL(path.join(root, "extensions", "qwenimage", "qwenimage.js")));
+  fs.rmSync(root, { recursive: true, force: true });
+  assert.equal(appModule.registered.length, 1);
+  return { ext: appModule.registered[0], app: appModule.app, api };
+}
+
+const { ext, app, api } = await loadExtension();
+
+function makeNodeType() {
+  return class {
+    constructor() {
+      this.widgets = [];
+      this.properties = {};
+      this.size = [300, 100];
+      this.flags = {};
+      this.dirty = 0;
+    }
+    setDirtyCanvas() {
+      this.dirty += 1;
+    }
+  };
+}
+
+test("the extension registers under its name", () => {
+  assert.equal(ext.name, "qwenimage.ui");
+});
+
+test("aspect-ratio presets set and lock width and height", async () => {
+  const NodeType = makeNodeType();
+  await ext.beforeRegisterNodeDef(NodeType, { name: "QwenImageEmptyLatent" });
+  const node = new NodeType();
+  node.widgets = [
+    { name: "width", value: 512 },
+    { name: "height", value: 768 },
+    { name: "batch_size", value: 1 },
+    { name: "aspect_ratio", value: "custom" },
+  ];
+  node.onNodeCreated();
+  const [width, height, , ratio] = node.widgets;
+  assert.equal(width.disabled, false);
+  assert.equal(width.value, 512);
+
+  ratio.value = "16:9 (1664x928)";
+  ratio.callback(ratio.value);
+  assert.deepEqual([width.value, height.value, width.disabled, height.disabled], [1664, 928, true, true]);
+
+  ratio.value = "custom";
+  ratio.callback(ratio.value);
+  assert.deepEqual([width.value, height.value, width.disabled], [1664, 928, false]);
+
+  // A saved workflow restores a preset after creation.
+  ratio.value = "2:3 (1056x1584)";
+  node.onConfigure({});
+  assert.deepEqual([width.value, height.value, height.disabled], [1056, 1584, true]);
+});
+
+test("model info from the backend lands on the right loader node and is drawn", async () => {
+  const NodeType = makeNodeType();
+  await ext.beforeRegisterNodeDef(NodeType, { name: "QwenImageDiTLoader" });
+  const loader = Object.assign(new NodeType(), { type: "QwenImageDiTLoader" });
+  const other = Object.assign(new NodeType(), { type: "SaveImage" });
+  const nodes = { 1: loader, 9: other };
+  app.graph = { getNodeById: (id) => nodes[id] ?? null };
+  ext.setup();
+
+  const send = (detail) => api.dispatchEvent(Object.assign(new Event("qwenimage.model_info"), { detail }));
+  send({ node: "1", kind: "diffusion_model", name: "x.gguf", variant: "qwen-image", format: "gguf" });
+  send({ node: "9", kind: "diffusion_model", variant: "edit", format: "gguf" }); // not a loader: ignored
+  send({ node: "404", kind: "vae", format: "float32" }); // no such node: ignored
+  assert.equal(loader.properties.qwenimage_loaded, "qwen-image · GGUF");
+  assert.equal(other.properties.qwenimage_loaded, undefined);
+
+  const drawn = [];
+  const ctx = {
+    save() {}, restore() {}, beginPath() {}, fill() {}, rect() {}, roundRect() {},
+    measureText: (t) => ({ width: t.length * 6 }),
+    fillText: (t) => drawn.push(t),
+  };
+  loader.onDrawForeground(ctx);
+  assert.deepEqual(drawn, ["qwen-image · GGUF"]);
+  loader.flags.collapsed = true;
+  loader.onDrawForeground(ctx);
+  assert.equal(drawn.length, 1);
+});

@@ -1,0 +1,262 @@
+"""tools/qwenimage_queue.py against a small fake ComfyUI on 127.0.0.1.
+
+The fake answers /prompt, /queue, /history/<id>, /view and /upload/image the way ComfyUI's
+server.py does (same JSON shapes), and records what it was sent. Every wait is bounded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import ROOT
+
+PNG = b"\x89PNG\r\n\x1a\nfake image bytes"
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("qwenimage_queue", ROOT / "tools" / "qwenimage_queue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+API_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
+
+
+class FakeComfy:
+    """``outcome``: success | error | interrupted | hang | reject."""
+
+    def __init__(self, outcome="success", polls_before_done=2):
+        self.outcome = outcome
+        self.polls_before_done = polls_before_done
+        self.posted: list[dict] = []
+        self.uploads: list[bytes] = []
+        self.views: list[dict] = []
+        self.polls = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _json(self, obj, status=200):
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/prompt":
+                    body = json.loads(data)
+                    fake.posted.append(body)
+                    if fake.outcome == "reject":
+                        return self._json({
+                            "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": "", "extra_info": {}},
+                            "node_errors": {"1": {"class_type": "QwenImageDiTLoader", "dependent_outputs": ["9"], "errors": [
+                                {"type": "value_not_in_list", "message": "Value not in list",
+                                 "details": "model_name: 'missing.safetensors' not in ['a.safetensors']",
+                                 "extra_info": {"input_name": "model_name"}}]}},
+                        }, 400)
+                    return self._json({"prompt_id": "p-1", "number": 0, "node_errors": {}})
+                if self.path == "/upload/image":
+                    fake.uploads.append(data)
+                    return self._json({"name": "uploaded.png", "subfolder": "", "type": "input"})
+                self._json({}, 404)
+
+            def do_GET(self):
+                url = urllib.parse.urlparse(self.path)
+                if url.path == "/queue":
+                    running = [[0, "p-1", {}, {}, []]] if fake.polls < fake.polls_before_done else []
+                    return self._json({"queue_running": running, "queue_pending": []})
+                if url.path.startswith("/history/"):
+                    fake.polls += 1
+                    if fake.outcome == "hang" or fake.polls <= fake.polls_before_done:
+                        return self._json({})
+                    return self._json({"p-1": fake.history_entry()})
+                if url.path == "/view":
+                    fake.views.append(dict(urllib.parse.parse_qsl(url.query)))
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(PNG)))
+                    self.end_headers()
+                    self.wfile.write(PNG)
+                    return
+                self._json({}, 404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def history_entry(self):
+        if self.outcome == "error":
+            msg = ("execution_error", {"prompt_id": "p-1", "node_id": "7", "node_type": "QwenImageSampler",
+                                       "exception_type": "RuntimeError", "exception_message": "CUDA out of memory"})
+            return {"outputs": {}, "status": {"status_str": "error", "completed": False, "messages": [msg]}}
+        if self.outcome == "interrupted":
+            msg = ("execution_interrupted", {"prompt_id": "p-1", "node_id": "7", "node_type": "QwenImageSampler"})
+            return {"outputs": {}, "status": {"status_str": "error", "completed": False, "messages": [msg]}}
+        images = [{"filename": "qwen-image_00001_.png", "subfolder": "", "type": "output"},
+                  {"filename": "qwen-image_00002_.png", "subfolder": "sub", "type": "output"}]
+        return {"outputs": {"9": {"images": images}},
+                "status": {"status_str": "success", "completed": True, "messages": []}}
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def fast_polling(monkeypatch):
+    monkeypatch.setattr(cli, "POLL_SECONDS", 0.01)
+
+
+def run_cli(fake, tmp_path, *extra, workflow="qwen_image_t2i"):
+    argv = ["--server", fake.url, "--workflow", workflow, "--out", str(tmp_path / "out"), "--no-websocket", "--timeout", "10", *extra]
+    return cli.main(argv)
+
+
+def test_success_applies_overrides_and_saves_images(tmp_path, capsys):
+    with FakeComfy() as fake:
+        rc = run_cli(fake, tmp_path, "--prompt", "a red fox", "--negative", "blurry", "--seed", "123", "--steps", "4",
+                     "--model", "tiny.safetensors", "--text-encoder", "te.safetensors", "--vae", "v.safetensors",
+                     "--set", "6.width=64", "--set", "6.aspect_ratio=custom", "--set", "9.filename_prefix=run")
+    assert rc == 0, capsys.readouterr().err
+    (body,) = fake.posted
+    p = body["prompt"]
+    assert body["client_id"]
+    assert p["4"]["inputs"]["prompt"] == "a red fox"
+    assert p["5"]["inputs"]["prompt"] == "blurry"
+    assert p["7"]["inputs"]["seed"] == 123 and p["7"]["inputs"]["steps"] == 4
+    assert p["1"]["inputs"]["model_name"] == "tiny.safetensors"
+    assert p["2"]["inputs"]["text_encoder_name"] == "te.safetensors"
+    assert p["3"]["inputs"]["vae_name"] == "v.safetensors"
+    assert p["6"]["inputs"]["width"] == 64 and p["6"]["inputs"]["aspect_ratio"] == "custom"
+    assert p["9"]["inputs"]["filename_prefix"] == "run"
+    saved = sorted((tmp_path / "out").iterdir())
+    assert [f.name for f in saved] == ["qwen-image_00001_.png", "qwen-image_00002_.png"]
+    assert all(f.read_bytes() == PNG for f in saved)
+    assert fake.views[1] == {"filename": "qwen-image_00002_.png", "subfolder": "sub", "type": "output"}
+
+
+def test_existing_files_are_not_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "qwen-image_00001_.png").write_bytes(b"old")
+    with FakeComfy() as fake:
+        assert run_cli(fake, tmp_path) == 0
+    assert (tmp_path / "out" / "qwen-image_00001_.png").read_bytes() == b"old"
+    assert (tmp_path / "out" / "qwen-image_00001__1.png").read_bytes() == PNG
+
+
+def test_node_errors_are_reported(tmp_path, capsys):
+    with FakeComfy("reject") as fake:
+        rc = run_cli(fake, tmp_path, "--model", "missing.safetensors")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "node 1 (QwenImageDiTLoader) input 'model_name'" in err and "missing.safetensors" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("outcome,expected", [
+    ("error", "failed at node 7 (QwenImageSampler): RuntimeError: CUDA out of memory"),
+    ("interrupted", "interrupted at node 7 (QwenImageSampler)"),
+])
+def test_failed_runs_exit_nonzero(tmp_path, capsys, outcome, expected):
+    with FakeComfy(outcome) as fake:
+        rc = run_cli(fake, tmp_path)
+    assert rc == 1
+    assert expected in capsys.readouterr().err
+
+
+def test_timeout_is_bounded(tmp_path, capsys):
+    with FakeComfy("hang") as fake:
+        start = time.monotonic()
+        rc = run_cli(fake, tmp_path, "--timeout", "0.3")
+    assert rc == 3
+    assert time.monotonic() - start < 5
+    assert "did not finish within 0.3 s" in capsys.readouterr().err
+
+
+def test_unreachable_server(tmp_path, capsys):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now
+    rc = cli.main(["--server", f"127.0.0.1:{port}", "--workflow", "qwen_image_t2i", "--no-websocket", "--out", str(tmp_path)])
+    assert rc == 1
+    assert "could not reach ComfyUI" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--set", "99.width=64"], "no node '99'"),
+    (["--set", "width=64"], "expected NODE_ID.INPUT=VALUE"),
+    (["--lora", "a.safetensors"], "no QwenImageLoraLoader node"),
+    (["--image", "x.png"], "no LoadImage node"),
+])
+def test_bad_overrides(tmp_path, capsys, extra, message):
+    with FakeComfy() as fake:
+        rc = run_cli(fake, tmp_path, *extra)
+        assert not fake.posted
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ui_format_and_unknown_workflows_are_refused(tmp_path, capsys):
+    with FakeComfy() as fake:
+        assert run_cli(fake, tmp_path, workflow=str(ROOT / "workflows" / "qwen_image_t2i.json")) == 2
+        assert "UI-format workflow" in capsys.readouterr().err
+        assert run_cli(fake, tmp_path, workflow="no_such_workflow") == 2
+        assert "qwen_image_t2i" in capsys.readouterr().err  # lists what is bundled
+        assert not fake.posted
+
+
+def test_image_upload_and_repeated_loras(tmp_path):
+    wf = {
+        "1": {"class_type": "QwenImageLoraLoader", "inputs": {"lora_name": "a.safetensors", "strength": 1.0, "model": ["9", 0]}},
+        "2": {"class_type": "QwenImageLoraLoader", "inputs": {"lora_name": "b.safetensors", "strength": 1.0, "model": ["1", 0]}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
+    }
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    picture = tmp_path / "in.png"
+    picture.write_bytes(PNG)
+    with FakeComfy() as fake:
+        rc = run_cli(fake, tmp_path, "--lora", "first.safetensors", "--lora", "second.safetensors", "--image", str(picture), workflow=str(path))
+    assert rc == 0
+    p = fake.posted[0]["prompt"]
+    assert p["1"]["inputs"]["lora_name"] == "first.safetensors" and p["2"]["inputs"]["lora_name"] == "second.safetensors"
+    assert p["3"]["inputs"]["image"] == "uploaded.png"
+    assert b'filename="in.png"' in fake.uploads[0] and PNG in fake.uploads[0]
+
+
+def test_no_wait_prints_the_prompt_id(tmp_path, capsys):
+    with FakeComfy() as fake:
+        assert run_cli(fake, tmp_path, "--no-wait") == 0
+        assert fake.polls == 0
+    assert "queued p-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", API_WORKFLOWS, ids=lambda p: p.name)
+def test_every_bundled_workflow_takes_the_common_overrides(path):
+    """--prompt and --seed must find their nodes in every bundled workflow."""
+    prompt = json.loads(path.read_text(encoding="utf-8"))
+    args = cli.build_parser().parse_args(["--workflow", str(path), "--prompt", "x", "--seed", "5"])
+    changes = cli.apply_overrides(prompt, args)
+    assert any(c.endswith("= 'x'") for c in changes)
+    assert any(".seed = 5" in c or ".noise_seed = 5" in c for c in changes)
