@@ -3,7 +3,9 @@
 ``attention(q, k, v, mask)`` takes ``[B, heads, L, D]`` tensors (any strides whose last dim is
 contiguous; the MMDiT passes transposed views of ``[B, L, heads, D]`` so nothing is copied)
 and returns ``[B, heads, L, D]``. PyTorch SDPA is the default: SageAttention is known to give
-NaN/black images on Ampere (FACTS 7), so the faster kernels are opt-in via ``set_backend``.
+NaN/black images on Ampere (FACTS 7), so the faster kernels are opt-in via ``set_backend``,
+and guarded: a kernel that raises, or whose output is not finite where SDPA's is (checked on
+the first forward at each shape), is dropped for SDPA with one warning.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def set_backend(name: str) -> str:
     if name == "sdpa":
         _backend, _kernel = "sdpa", None
         return _backend
+    _checked.clear()
     try:
         kernel = _load_flash() if name == "flash" else _load_sage()
     except ImportError as e:
@@ -74,9 +77,50 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     kernel = _kernel
     if kernel is None or mask is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return _sdpa(q, k, v, mask)
+    try:
+        out = _run_kernel(kernel, q, k, v)
+    except Exception as e:  # noqa: BLE001 - an optional kernel refusing a shape / GPU must not end the run
+        _fall_back(f"{_backend} attention failed ({type(e).__name__}: {e})")
+        return _sdpa(q, k, v, mask)
+    return _guard(out, q, k, v)
+
+
+def _run_kernel(kernel: Callable, q, k, v) -> torch.Tensor:
     if _backend == "flash":
         out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         if isinstance(out, tuple):  # FlashAttention 3 also returns the softmax LSE
             out = out[0]
         return out.transpose(1, 2)
     return kernel(q, k, v, tensor_layout="HND", is_causal=False)
+
+
+# A shape whose kernel output was finite this many times (a whole first forward: 60 blocks)
+# is trusted: the check is a device sync, not worth paying on every call of every step. Later
+# checks could not save the image anyway: once NaNs are in the residual stream, SDPA's output
+# is not finite either.
+_CHECKS_PER_SHAPE = 64
+_checked: dict[tuple, int] = {}
+
+
+def _guard(out: torch.Tensor, q, k, v) -> torch.Tensor:
+    """NaN / black-image guard (SageAttention on Ampere, FACTS 7): when the optional kernel's
+    output is not finite but SDPA's is, switch to SDPA for good and say so once."""
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+    seen = _checked.get(key, 0)
+    if seen >= _CHECKS_PER_SHAPE:
+        return out
+    if bool(torch.isfinite(out).all()):
+        _checked[key] = seen + 1
+        return out
+    ref = _sdpa(q, k, v, None)
+    if not bool(torch.isfinite(ref).all()):
+        return out  # the inputs themselves are not finite: not the kernel's fault
+    _fall_back(f"{_backend} attention produced NaN/inf where PyTorch SDPA does not (a known problem of "
+               "some kernels on some GPUs, giving black images)")
+    return ref
+
+
+def _fall_back(reason: str) -> None:
+    global _backend, _kernel
+    log.warning("%s; switching to PyTorch SDPA for the rest of this session", reason)
+    _backend, _kernel = "sdpa", None

@@ -8,8 +8,8 @@ The output latent has the size of the last image's VAE copy, so output and refer
 grid. Two ways to pick the VAE size:
 - "reference": diffusers' ``calculate_dimensions``: width = sqrt(area * ratio), height =
   width / ratio, each rounded to a multiple of 32;
-- "preserve": both sides scaled by the same s = sqrt(area / (W*H)) and rounded to the nearest
-  multiple of 16 (the least the 2x2-packed latent allows), which keeps the aspect ratio closer.
+- "preserve": multiples of 16 (the least the 2x2-packed latent allows), chosen near the uniformly
+  scaled size sqrt(area / (W*H)) * (W, H) so that the aspect ratio stays as close as possible.
 Either way the frame maps onto the input edge to edge, so resizing the decoded image back to
 the input's size (``resize_image``) lines it up with the input pixel for pixel.
 
@@ -49,12 +49,26 @@ def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
     return int(round(width / 32) * 32), int(round(height / 32) * 32)
 
 
-def preserve_dimensions(width: int, height: int, area: int = VAE_AREA, multiple: int = 16) -> tuple[int, int]:
-    """(width, height) of about ``area`` pixels: both sides scaled by the same factor, then
-    rounded to ``multiple`` (at least one ``multiple``)."""
+def preserve_dimensions(width: int, height: int, area: int = 0, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) of about ``area`` pixels (default ``VAE_AREA``), multiples of ``multiple``,
+    with the aspect ratio closest to the input's among the sizes within a few steps of the
+    uniformly scaled size (ties: the area closest to ``area``)."""
+    area = area or VAE_AREA
+    ratio = width / height
     s = math.sqrt(area / (width * height))
-    return (max(multiple, int(round(width * s / multiple)) * multiple),
-            max(multiple, int(round(height * s / multiple)) * multiple))
+    best = None
+    for axis in (0, 1):
+        centre = (width if axis == 0 else height) * s / multiple
+        for k in range(int(round(centre)) - 3, int(round(centre)) + 4):
+            a = max(1, k) * multiple
+            b = max(multiple, int(round((a / ratio if axis == 0 else a * ratio) / multiple)) * multiple)
+            w, h = (a, b) if axis == 0 else (b, a)
+            if not 0.8 * area <= w * h <= 1.25 * area and best is not None:
+                continue
+            key = (round(abs(math.log((w / h) / ratio)), 12), abs(w * h - area))
+            if best is None or key < best[0]:
+                best = (key, (w, h))
+    return best[1]
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
@@ -127,11 +141,11 @@ def resize_image(image: torch.Tensor, width: int, height: int, method: str = "la
     resample = _RESAMPLE[method]
     if is_8bit(image):
         arr = (image.float() * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-        out = np.asarray(Image.fromarray(arr, "RGB").resize((width, height), resample=resample))
+        out = np.asarray(Image.fromarray(arr).resize((width, height), resample=resample))
         return torch.from_numpy(out.astype(np.float32) / 255.0)
     chans = []
     for c in range(image.shape[-1]):
-        plane = Image.fromarray(image[..., c].float().cpu().numpy(), "F")
+        plane = Image.fromarray(image[..., c].float().cpu().numpy())
         chans.append(np.asarray(plane.resize((width, height), resample=resample)))
     return torch.from_numpy(np.stack(chans, axis=-1)).clamp(0, 1)
 

@@ -43,7 +43,8 @@ _enabled = os.environ.get("QWENIMAGE_FP8_MATMUL", "0").strip().lower() in ("1", 
 _mode = os.environ.get("QWENIMAGE_FP8_MATMUL_MODE", "auto").strip().lower()
 _allow_cpu = False  # tests: torch._scaled_mm also runs (slowly) on the CPU
 _device_ok: dict[tuple[str, int | None], bool] = {}
-_broken: set[tuple] = set()  # (device, mode, out dtype, has bias) combinations the kernel refused
+_broken: set[tuple] = set()  # (device, mode, out dtype, has bias, bias in kernel) the kernel refused
+_warned: set[tuple] = set()
 
 
 def set_enabled(enabled: bool, mode: str = "auto", allow_cpu: bool = False) -> None:
@@ -58,6 +59,7 @@ def set_enabled(enabled: bool, mode: str = "auto", allow_cpu: bool = False) -> N
         raise ValueError(f"fp8 matmul mode must be one of {', '.join(MODES)} or auto, got {mode!r}")
     _enabled, _mode, _allow_cpu = bool(enabled), mode, bool(allow_cpu)
     _broken.clear()
+    _warned.clear()
 
 
 def is_enabled() -> bool:
@@ -88,11 +90,13 @@ def _first_mode() -> str:
     return "row" if _mode == "auto" else _mode
 
 
-def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two ``s`` with ``amax / s <= 448`` (float32; 1 for an all-zero input)."""
-    amax = amax.float()
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    return torch.exp2(torch.ceil(torch.log2(safe / E4M3_MAX)))
+def pow2_scale(amax: torch.Tensor, tiny: float) -> torch.Tensor:
+    """Smallest power of two ``s >= tiny`` with ``amax / s <= 448``, in float32.
+
+    ``tiny`` (the activation dtype's smallest normal, itself a power of two) keeps the scale
+    representable in float16 and away from zero for an all-zero row."""
+    s = (amax.float() / E4M3_MAX).clamp_min(tiny)
+    return torch.exp2(torch.ceil(torch.log2(s)))
 
 
 def quantize_activation(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,15 +105,38 @@ def quantize_activation(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch
     ``mode`` "row": scale ``[M, 1]``; "tensor": scale ``[]``. Non-finite inputs stay
     non-finite (clamping them would hide an upstream problem behind a plausible image).
     """
-    a = x.abs()
-    amax = a.amax(dim=-1, keepdim=True) if mode == "row" else a.amax()
-    # Clamped to the dtype's smallest normal (a power of two too) so the scale itself is
-    # representable in float16 and the division below never divides by zero.
-    scale = pow2_scale(amax).clamp_min(torch.finfo(x.dtype).tiny)
+    # max |x| in one reduction, without a full-size |x| temporary
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True) if mode == "row" else \
+        torch.linalg.vector_norm(x, float("inf"))
+    scale = pow2_scale(amax, torch.finfo(x.dtype).tiny)
     # Exact division by a power of two, then one rounding into float8. The clamp only catches
     # values that round up past 448 (the scale already bounds the magnitude).
     q = (x / scale.to(x.dtype)).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, scale
+
+
+# On CUDA the dozen small ops above run per Linear call; compiled they are one or two kernels.
+# Compiled once per mode with dynamic shapes (token counts vary), checked against the eager
+# result on first use, and abandoned for eager on any error or difference.
+_compiled_quantizers: dict[str, object] = {}
+
+
+def _quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type != "cuda" or os.environ.get("QWENIMAGE_FP8_COMPILE", "1").strip() in ("0", "false", "off"):
+        return quantize_activation(x, mode)
+    fn = _compiled_quantizers.get(mode)
+    if fn is None:
+        ref = quantize_activation(x, mode)
+        try:
+            fn = torch.compile(quantize_activation, dynamic=True)
+            q, scale = fn(x, mode)
+            same = torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(scale, ref[1])
+        except Exception as e:  # noqa: BLE001 - any compiler failure means "stay eager"
+            log.info("float8 activation quantization stays eager (%s: %s)", type(e).__name__, e)
+            same = False
+        _compiled_quantizers[mode] = fn if same else quantize_activation
+        return ref
+    return fn(x, mode)
 
 
 def _applicable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -127,13 +154,12 @@ def _applicable(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
-def scaled_linear(
-    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None, mode: str
-) -> torch.Tensor:
+def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                  mode: str, bias_in_kernel: bool = True) -> torch.Tensor:
     """The float8 matmul itself (no checks): ``x`` ``[..., K]`` half, ``w`` e4m3 ``[N, K]``."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = w.shape[0]
-    q, sx = quantize_activation(x.reshape(-1, k), mode)
+    q, sx = _quantize(x.reshape(-1, k), mode)
     sw = torch.ones((), device=x.device) if w_scale is None else w_scale.to(device=x.device, dtype=torch.float32)
     if mode == "row":
         sw = sw.reshape(1, 1).expand(1, n).contiguous()  # row-wise scaling wants both sides row-wise
@@ -141,9 +167,12 @@ def scaled_linear(
         sw = sw.reshape(())
         sx = sx.reshape(())
     # mat2 must be column-major: the transpose of the row-major [N, K] weight is exactly that.
-    y = torch._scaled_mm(q, w.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=x.dtype)
+    y = torch._scaled_mm(q, w.t(), scale_a=sx, scale_b=sw, bias=bias if bias_in_kernel else None,
+                         out_dtype=x.dtype)
     if isinstance(y, tuple):  # older torch returned (out, amax)
         y = y[0]
+    if bias is not None and not bias_in_kernel:
+        y = y.add_(bias)
     return y.reshape(*lead, n)
 
 
@@ -154,17 +183,23 @@ def try_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, b
     if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
         bias = bias.to(device=x.device, dtype=x.dtype)
     first = _first_mode()
-    # Row-wise scaling is refused by some GPU / dtype combinations (e.g. float16 output):
-    # per-tensor scaling is the next best, dequantizing the last resort.
-    for mode in (first, "tensor") if first == "row" else (first,):
-        key = (str(x.device), mode, x.dtype, bias is not None)
-        if key in _broken:
-            continue
-        try:
-            return scaled_linear(x, w, w_scale, bias, mode)
-        except RuntimeError as e:  # remember, so the failing call is not retried every layer
-            _broken.add(key)
-            log.warning("float8 matmul (%s scaling, %s output%s) is not available here (%s); %s",
-                        mode, x.dtype, ", with bias" if bias is not None else "", e,
-                        "trying per-tensor scaling" if mode == "row" else "dequantizing float8 weights instead")
+    # Some GPU / torch / dtype combinations refuse row-wise scaling, or a bias with it: try the
+    # bias as a separate add, then per-tensor scaling; dequantizing is the last resort.
+    modes = (first, "tensor") if first == "row" else (first,)
+    for mode in modes:
+        for bias_in_kernel in ((True, False) if bias is not None else (True,)):
+            key = (str(x.device), mode, x.dtype, bias is not None, bias_in_kernel)
+            if key in _broken:
+                continue
+            try:
+                return scaled_linear(x, w, w_scale, bias, mode, bias_in_kernel)
+            except RuntimeError as e:  # remember, so the failing call is not retried every layer
+                _broken.add(key)
+                log.warning("float8 matmul (%s scaling, %s output%s) is not available here (%s); trying the next "
+                            "option", mode, x.dtype, ", bias in the kernel" if bias_in_kernel and bias is not None
+                            else "", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if (str(x.device), x.dtype) not in _warned:
+        _warned.add((str(x.device), x.dtype))
+        log.warning("float8 matmul unavailable for %s inputs on %s; dequantizing float8 weights instead",
+                    x.dtype, x.device)
     return None

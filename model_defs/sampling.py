@@ -64,6 +64,14 @@ def latent_mask(mask: torch.Tensor, batch: int, h: int, w: int) -> torch.Tensor:
     if m.ndim != 4:
         raise ValueError(f"noise_mask must be [H,W], [B,H,W] or [B,1,H,W]; got {tuple(mask.shape)}")
     m = m[:, :1]
+    mh, mw = m.shape[-2:]
+    # A mask drawn for another image would be stretched silently; allow the rounding of a
+    # pixel-space mask onto the latent grid (up to one latent pixel), nothing more.
+    if abs(mh * w / mw - h) > 1.0 and abs(mw * h / mh - w) > 1.0:
+        raise ValueError(
+            f"the noise_mask is {mw}x{mh} but the latent is {w}x{h} ({w * 8}x{h * 8} pixels): "
+            "the mask must have the image's proportions (make it from the same image)"
+        )
     if m.shape[-2:] != (h, w):
         m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
     if m.shape[0] != batch:

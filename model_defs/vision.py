@@ -78,30 +78,33 @@ class VisionConfig:
         return cls(**kw)
 
     @classmethod
-    def infer_from_state_dict(cls, shapes: Mapping[str, tuple], head_dim: int = 80) -> "VisionConfig":
-        """From tensor shapes (names inside the tower). Head count and the full-attention
-        blocks cannot be read from weights: the 7B's head size 80 and "every 8th block" are assumed."""
+    def infer_from_state_dict(cls, shapes: Mapping[str, tuple]) -> "VisionConfig":
+        """From tensor shapes (names inside the tower). Two things weights do not record are
+        assumed: the head size (80, as in every released Qwen2.5-VL; 16 for widths that 80 does
+        not divide, i.e. tiny test models) and the full-attention blocks (the last of every 8
+        blocks, and the last block: 7, 15, 23, 31 for the 32-block tower)."""
         def shape(key: str) -> tuple:
             if key not in shapes:
                 raise ValueError(f"vision tower weights lack {key!r}")
             return tuple(int(s) for s in shapes[key])
 
-        hidden, _, temporal, patch, _ = shape("patch_embed.proj.weight")
+        w = shape("patch_embed.proj.weight")
+        if len(w) != 5:
+            raise ValueError(f"patch_embed.proj.weight has shape {w}, expected a 5-D Conv3d kernel")
+        hidden, _, temporal, patch, _ = w
         blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
         if not blocks or blocks != set(range(len(blocks))):
             raise ValueError(f"vision tower weights: blocks are not numbered 0..N-1 (found {sorted(blocks)[:8]})")
         depth = len(blocks)
-        merged = shape("merger.mlp.0.weight")[1]
-        merge = int(round((merged // hidden) ** 0.5))
-        if hidden % head_dim:
-            raise ValueError(f"vision tower width {hidden} is not a multiple of the head size {head_dim}")
+        merge = int(round((shape("merger.mlp.0.weight")[1] // hidden) ** 0.5))
+        head_dim = 80 if hidden % 80 == 0 else 16
         return cls(
             depth=depth, hidden_size=hidden, num_heads=hidden // head_dim,
             intermediate_size=shape("blocks.0.mlp.gate_proj.weight")[0],
             out_hidden_size=shape("merger.mlp.2.weight")[0],
             patch_size=patch, temporal_patch_size=temporal, spatial_merge_size=merge,
-            window_size=112 if patch * merge == 28 else 4 * patch * merge,
-            fullatt_block_indexes=tuple(i for i in range(depth) if i % 8 == 7),
+            window_size=4 * patch * merge,
+            fullatt_block_indexes=tuple(i for i in range(depth) if i % 8 == 7 or i == depth - 1),
         )
 
 

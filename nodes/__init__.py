@@ -8,6 +8,7 @@ FAMILIES = (
     "latents",
     "sampling",
     "lora",
+    "edit",
     "controlnet",
 )
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model_defs import latent_format as lf
-from ..model_defs.controlnet import DIFFSYNTH, INSTANTX, AppliedControl, step_hook  # noqa: F401 (the sampler's entry)
+from ..model_defs.controlnet import DIFFSYNTH, INSTANTX, AppliedControl
 from ..model_defs.offload import module_bytes
 from ..model_defs.weights.keys_controlnet import load_controlnet
 from . import placement, runtime
@@ -299,17 +299,22 @@ class QwenImageControlNetApply:
                                  "disconnect the mask or load Qwen-Image-InstantX-ControlNet-Inpainting "
                                  "(or the DiffSynth inpaint patch)")
             m = mask_tensor(mask)
+            if 1 not in (m.shape[0], pixels.shape[0]) and m.shape[0] != pixels.shape[0]:
+                raise ValueError(f"the mask holds {m.shape[0]} masks but the image batch holds {pixels.shape[0]} images; "
+                                 "give one mask, or one per image")
         elif controlnet.is_inpaint:
             runtime.warn(f"{controlnet.describe()} is an inpainting ControlNet but no mask is connected; nothing is repainted by it")
         control = AppliedControl(controlnet.module, make_hint_fn(controlnet, vae, pixels, m), strength, start, end)
 
-        shared: dict[int, ControlChain] = {}
+        shared: dict = {}
 
         def extend(old: ControlChain, ctl) -> ControlChain:
-            # One new chain per old chain, so a positive and negative that shared one still do.
-            if id(old) not in shared:
-                shared[id(old)] = ControlChain(old + (ctl,))
-            return shared[id(old)]
+            # One new chain per old chain (all empty ones alike), so a positive and negative that
+            # shared one still do; the old chain is kept alive so its id stays unique.
+            key = id(old) if old else None
+            if key not in shared:
+                shared[key] = (old, ControlChain(old + (ctl,)))
+            return shared[key][1]
 
         return (_with_control(positive, extend, control, "positive"), _with_control(negative, extend, control, "negative"))
 
@@ -337,7 +342,7 @@ def prepared(conds, height: int, width: int, device: torch.device):
     moved = []
     try:
         for net in dict.fromkeys(ctl.net for ctl in controls):
-            if device.type != "cpu" and placement._module_device(net) != device:
+            if device.type != "cpu" and next(net.parameters()).device != device:
                 runtime.request_memory(module_bytes(net), device)
                 net.to(device)
                 moved.append(net)

@@ -12,6 +12,7 @@ import torch
 
 from ..model_defs.offload import module_bytes
 from ..model_defs.streaming import BlockStreamer, blocks_that_fit
+from ..model_defs.weights import dequant_cuda
 from . import runtime
 
 # id(module) -> module, most recently used last
@@ -46,6 +47,10 @@ def on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str 
     stream through one at a time.
     """
     device = torch.device(device)
+    if device.type == "cuda":
+        # GGUF weights are expanded on the GPU every step: use the compiled kernels there
+        # (idempotent; no-op when torch.compile cannot work, or QWENIMAGE_FUSED_DEQUANT=0).
+        dequant_cuda.enable()
     if device.type == "cpu" or _module_device(module) == device:
         _touch(module)
         yield "resident"

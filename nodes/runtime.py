@@ -133,7 +133,9 @@ def tokenizer_search_dirs() -> list[Path]:
         try:
             import comfy  # type: ignore
 
-            dirs.append(Path(comfy.__file__).parent / "text_encoders" / "qwen25_tokenizer")
+            # ``comfy`` is a namespace package (no __init__.py): __file__ is None, __path__ is set.
+            for base in getattr(comfy, "__path__", []):
+                dirs.append(Path(base) / "text_encoders" / "qwen25_tokenizer")
         except Exception:
             pass
     return dirs

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ..model_defs import latent_format as lf
 from ..model_defs import sampling as fm
 from ..model_defs import schedule
+from ..model_defs.controlnet import step_hook
 from . import controlnet as control_nodes
 from . import placement, runtime
 from .handles import MODEL_TYPE
@@ -97,7 +98,7 @@ class _Guided:
         if key not in self._hooks:
             b = x.shape[0]
             mask = None if c.mask is None else _expand(c.mask, b).to(self.device)
-            self._hooks[key] = control_nodes.step_hook(
+            self._hooks[key] = step_hook(
                 c.control, self.module, x, sigma, _expand(c.context, b).to(self.device), mask,
                 self._step, max(1, len(self.sigmas)),
             )

@@ -178,15 +178,29 @@ def test_refused_kernel_falls_back_once(monkeypatch, caplog):
         y2 = lin(x)
     assert torch.equal(y1, fp8_matmul.scaled_linear(x, lin.weight, lin.weight_scale, lin.bias, "tensor"))
     assert torch.equal(y1, y2)
-    assert calls[:3] == [4, 1, 1]  # row tried once, then straight to per-tensor
-    assert sum("per-tensor" in r.message for r in caplog.records) == 1
+    # row (bias fused), row (bias added), then per-tensor; the second call goes straight there
+    assert calls[:4] == [4, 4, 1, 1]
+    assert sum("row scaling" in r.message for r in caplog.records) == 2
 
     def refuse_all(*a, **kw):
         raise RuntimeError("no float8 here")
 
     monkeypatch.setattr(torch, "_scaled_mm", refuse_all)
     fp8_matmul.set_enabled(True, allow_cpu=True)
-    assert torch.equal(lin(x), exact)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(lin(x), exact)
+        assert torch.equal(lin(x), exact)
+    assert sum("dequantizing" in r.message for r in caplog.records) == 1
+
+
+def test_bias_added_outside_the_kernel_matches():
+    wq, sw, _ = _fp8_weight(48, 64)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    b = torch.randn(48).to(torch.bfloat16)
+    fused = fp8_matmul.scaled_linear(x, wq, sw, b, "row", bias_in_kernel=True)
+    added = fp8_matmul.scaled_linear(x, wq, sw, b, "row", bias_in_kernel=False)
+    assert _rel(added, fused) < 8e-3  # one extra bf16 rounding
 
 
 def test_bad_mode():

@@ -107,7 +107,8 @@ class FakeComfy:
             return {"outputs": {}, "status": {"status_str": "error", "completed": False, "messages": [msg]}}
         images = [{"filename": "qwen-image_00001_.png", "subfolder": "", "type": "output"},
                   {"filename": "qwen-image_00002_.png", "subfolder": "sub", "type": "output"}]
-        return {"outputs": {"9": {"images": images}},
+        preview = [{"filename": "ComfyUI_temp_0001.png", "subfolder": "", "type": "temp"}]
+        return {"outputs": {"9": {"images": images}, "12": {"images": preview}},
                 "status": {"status_str": "success", "completed": True, "messages": []}}
 
     def __enter__(self):
@@ -150,6 +151,14 @@ def test_success_applies_overrides_and_saves_images(tmp_path, capsys):
     assert [f.name for f in saved] == ["qwen-image_00001_.png", "qwen-image_00002_.png"]
     assert all(f.read_bytes() == PNG for f in saved)
     assert fake.views[1] == {"filename": "qwen-image_00002_.png", "subfolder": "sub", "type": "output"}
+    assert len(fake.views) == 2  # PreviewImage's temp file only with --previews
+
+
+def test_previews_on_request(tmp_path):
+    with FakeComfy() as fake:
+        assert run_cli(fake, tmp_path, "--previews") == 0
+    assert "ComfyUI_temp_0001.png" in {f.name for f in (tmp_path / "out").iterdir()}
+    assert fake.views[-1]["type"] == "temp"
 
 
 def test_existing_files_are_not_overwritten(tmp_path):

@@ -129,3 +129,10 @@ def test_latent_mask_resizes_and_broadcasts():
     assert m.shape == (3, 1, 8, 6) and bool((m == 1).all())
     with pytest.raises(ValueError):
         fm.latent_mask(torch.ones(2, 8, 8), batch=3, h=8, w=8)
+
+
+def test_latent_mask_of_other_proportions_is_refused():
+    with pytest.raises(ValueError, match="proportions"):
+        fm.latent_mask(torch.ones(1, 64, 128), batch=1, h=8, w=8)
+    # pixel masks of the same image round onto the grid
+    assert fm.latent_mask(torch.ones(1, 1001, 767), batch=1, h=125, w=96).shape == (1, 1, 125, 96)

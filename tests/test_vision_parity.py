@@ -124,7 +124,10 @@ def test_loader_vision_state_builds_a_tower(lm):
 
 
 @pytest.mark.parametrize("kind,sizes", [("edit", [(90, 60)]), ("edit_plus", [(90, 60), (50, 110), (64, 64)])])
-def test_text_and_image_hidden_states_match_transformers(lm, tokenizer_dir, kind, sizes):
+def test_text_and_image_hidden_states_match_transformers(lm, tokenizer_dir, kind, sizes, monkeypatch):
+    # a few hundred image tokens instead of ~1400 per image: the same code at a tenth of the cost
+    monkeypatch.setattr(E, "VAE_AREA", 224 * 224)
+    monkeypatch.setattr(E, "PLUS_VISION_AREA", 112 * 112)
     ref, ours, vision_state = lm
     vcfg = V.VisionConfig.from_hf_config(ref.config.vision_config)
     tower = V.build_vision_tower(vision_state, vcfg)
@@ -152,3 +155,43 @@ def test_text_and_image_hidden_states_match_transformers(lm, tokenizer_dir, kind
     pos, _ = ref.model.get_rope_index(ids, (ids == IMAGE_PAD_ID).int(), model_inputs["image_grid_thw"])
     mine = E.mrope_positions(ids[0].tolist(), [(g[1] // 2, g[2] // 2) for g in model_inputs["image_grid_thw"].tolist()])
     assert torch.equal(mine, pos)
+
+
+def test_mmproj_gguf_tower_through_the_node_matches_transformers(lm, tmp_path):
+    """A llama.cpp mmproj GGUF given to the text-encoder loader: the edit node builds the tower
+    from its tensors alone (config inferred from shapes) and it matches transformers."""
+    from gguf import GGMLQuantizationType as T
+    from test_gguf_load import MMPROJ_METADATA, to_mmproj_names, write_model
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from qwenimage_pack.model_defs.weights.load import load_text_encoder
+    from qwenimage_pack.nodes.edit import vision_tower_for
+    from qwenimage_pack.nodes.handles import TextEncoder
+
+    vcfg = transformers.Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                out_hidden_size=48, fullatt_block_indexes=[1], window_size=112)
+    vcfg._attn_implementation = "eager"
+    ref = Qwen2_5_VisionTransformerPretrainedModel(vcfg).eval()
+    refs._randomize(ref, 5)
+    with torch.no_grad():  # F16 in the file: give the reference the same rounded weights
+        for p in ref.parameters():
+            p.copy_(p.half().float())
+    gg = to_mmproj_names({"visual." + k: v for k, v in ref.state_dict().items()})
+    meta = dict(MMPROJ_METADATA, **{"clip.vision.block_count": 2, "clip.vision.embedding_length": 32,
+                                    "clip.vision.feed_forward_length": 64, "clip.vision.projection_dim": 48})
+    mm = tmp_path / "mmproj-tiny-f16.gguf"
+    write_model(mm, "clip", gg, lambda name, shape: T.F32 if len(shape) == 1 else T.F16, metadata=meta)
+
+    te_path = tmp_path / "te.safetensors"
+    save_file(refs.original_text_layout(lm[0].state_dict()), te_path)
+    module, vision_state = load_text_encoder(te_path, compute_dtype=torch.float32, mmproj=mm)
+    tower = vision_tower_for(TextEncoder(module=module, tokenizer=None, name="tiny.gguf", vision=vision_state))
+    assert tower.config.num_heads == 2 and tower.config.fullatt_block_indexes == (1,)
+    assert vision_tower_for(TextEncoder(module=module, tokenizer=None, name="tiny.gguf", vision=vision_state)) is tower
+
+    pixels = torch.rand(3, 280, 196, generator=torch.Generator().manual_seed(0))
+    patches, gh, gw = V.image_to_patches(V.normalize_pixels(pixels), tower.config)
+    with torch.no_grad():
+        want = ref(patches, grid_thw=torch.tensor([[1, gh, gw]])).pooler_output
+        got = tower(patches, gh, gw)
+    assert rel_err(got, want) < 1e-5

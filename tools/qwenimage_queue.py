@@ -365,11 +365,12 @@ def describe_failure(prompt_id: str, status: dict) -> str:
     return f"prompt {prompt_id} ended with status {status.get('status_str')!r}"
 
 
-def output_images(entry: dict) -> list[dict]:
+def output_images(entry: dict, previews: bool = False) -> list[dict]:
+    """Images of the finished prompt: SaveImage's ("output"), and PreviewImage's ("temp") on request."""
     images = []
     for node_id, out in sorted((entry.get("outputs") or {}).items(), key=lambda kv: (len(kv[0]), kv[0])):
         for img in out.get("images", []) or []:
-            if isinstance(img, dict) and img.get("filename"):
+            if isinstance(img, dict) and img.get("filename") and (previews or img.get("type", "output") == "output"):
                 images.append(img)
     return images
 
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="NODE_ID.INPUT=VALUE", help="set any input; VALUE is parsed as JSON when it can be")
     p.add_argument("--out", default="qwenimage_outputs", help="folder for the images (default ./qwenimage_outputs)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")
+    p.add_argument("--previews", action="store_true", help="also save PreviewImage results (ComfyUI's temp images)")
     p.add_argument("--no-wait", action="store_true", help="queue and print the prompt id only")
     p.add_argument("--no-websocket", action="store_true", help="poll /history even when websocket-client is installed")
     p.add_argument("--quiet", action="store_true", help="print only the saved files and errors")
@@ -447,7 +449,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
     finally:
         if progress is not None:
             progress.close()
-    images = output_images(entry)
+    images = output_images(entry, args.previews)
     if not images:
         raise QueueError(f"prompt {prompt_id} finished but produced no images (is there a SaveImage node?)")
     saved = save_images(client, images, Path(args.out))

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""fp8 MMDiT forward: float8 tensor-core matmuls vs our bf16, and accuracy on the same weights.
+
+Target (issue "Speed and memory"): an fp8 checkpoint's forward <= 0.75x our bf16 forward on
+Hopper / Ada, with correct scales (ComfyUI's fp8 "fast" mode corrupts images), accuracy checked
+against bf16 on the same weights.
+
+One bf16 model with random weights is timed; its block weights are then stored as
+float8_e4m3fn with per-tensor scales (what ``weight_dtype=fp8_e4m3fn`` or an fp8 checkpoint
+gives), and the same forward runs (a) dequantizing each weight to bf16 (the exact default path),
+(b) on float8 matmuls with per-row activation scales, (c) with per-tensor activation scales.
+Accuracy is each output against the bf16 output: (a) shows the error of storing weights in fp8,
+(b)/(c) add the activation quantization on top.
+
+    python bench/bench_fp8_forward.py                    # 1328^2 batch 1 and 2
+    python bench/bench_fp8_forward.py --smoke            # tiny, CPU (float8 matmul emulated by torch)
+"""
+from __future__ import annotations
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common
+
+import torch
+
+TARGET = 0.75
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__)
+    p.add_argument("--size", type=int, default=None, help="square image size in pixels (default 1328)")
+    p.add_argument("--batches", default=None, help="default 1,2 (smoke: 1)")
+    args = common.finish_args(p.parse_args(argv), warmup=3, iters=10)
+    args.size = args.size or (64 if args.smoke else 1328)
+    args.batches = [int(b) for b in (args.batches or ("1" if args.smoke else "1,2")).split(",")]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = args.device
+    fp8_matmul = common.pack("model_defs.fp8_matmul")
+    print(common.environment(device))
+    cfg = common.mmdit_config(args.smoke)
+    model = common.build_mmdit(cfg, device)
+    inputs = {b: common.mmdit_inputs(cfg, args.size, b, args.text_tokens, device) for b in args.batches}
+
+    def timed(batch):
+        def run():
+            with torch.inference_mode():
+                return model(*inputs[batch])
+        return common.time_fn(run, device, args.warmup, args.iters)
+
+    results: dict[tuple, dict] = {}
+    for b in args.batches:
+        s, out = timed(b)
+        results[("bf16", b)] = {"s": s, "out": out.float().cpu()}
+    common.to_fp8(model)
+    common.free(device)
+    supported = fp8_matmul.device_supports(device) or args.smoke
+    modes = [("fp8 weights, dequantized", None)]
+    if supported:
+        modes += [("fp8 matmul, row scales", "row"), ("fp8 matmul, tensor scales", "tensor")]
+    try:
+        for label, mode in modes:
+            if mode is None:
+                fp8_matmul.set_enabled(False)
+            else:
+                fp8_matmul.set_enabled(True, mode=mode, allow_cpu=args.smoke)
+            for b in args.batches:
+                s, out = timed(b)
+                results[(label, b)] = {"s": s, "out": out.float().cpu()}
+            print(f"  {label}: done", flush=True)
+    finally:
+        fp8_matmul.set_enabled(False)
+
+    rows = []
+    for b in args.batches:
+        ref = results[("bf16", b)]
+        for label in ["bf16"] + [m[0] for m in modes]:
+            r = results[(label, b)]
+            ratio = r["s"] / ref["s"]
+            target = "-"
+            if label.startswith("fp8 matmul"):
+                target = f"<= {TARGET}x {'ok' if ratio <= TARGET else 'MISSED'}"
+            acc = "-" if label == "bf16" else f"{common.rel_err(r['out'], ref['out']):.3e} / {common.cos_sim(r['out'], ref['out']):.5f}"
+            rows.append([f"{args.size}^2 b{b}", label, common.fmt_ms(r["s"]), f"{ratio:.2f}x", target, acc])
+    notes = []
+    if not supported:
+        notes.append(f"{device}: no float8 tensor cores (needs compute capability 8.9+); float8 matmul rows skipped")
+    notes.append("accuracy: rel. L2 error / cosine similarity of the velocity against bf16 on the same weights")
+    common.print_table(
+        f"fp8 vs bf16 MMDiT forward, {cfg.num_layers} layers, {args.text_tokens} text tokens{common.smoke_note(args)}",
+        ["shape", "weights / matmul", "forward", "vs bf16", "target", "rel. err / cos vs bf16"], rows, notes,
+    )
+    return {k: v["s"] for k, v in results.items()}
+
+
+if __name__ == "__main__":
+    main()

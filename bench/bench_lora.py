@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""LoRA cost on the 20 B MMDiT: forward overhead of one rank-64 LoRA and the time to apply it.
+
+Targets (issue "LoRAs", Speed): with one rank-64 LoRA applied, a 1328^2 forward costs <= 1.05x
+the same forward without it; applying a LoRA to the 20 B model takes <= 10 s.
+Peer (quoted in the issue, not measured here): ComfyUI-GGUF users report up to 3x slower
+forwards with several LoRAs.
+
+The LoRA is random, in the diffusers/PEFT layout (``transformer.<layer>.lora_A/B.weight``, bf16
+on the host as a loaded file would be), on every Linear of every block (the Lightning LoRAs'
+coverage). "apply" = parse + attach patches (what the LoRA loader node does); the first forward
+after it also uploads the factors to the GPU, reported separately.
+
+    python bench/bench_lora.py                       # 1328^2, batch 1, bf16 weights
+    python bench/bench_lora.py --weights Q4_K        # on a GGUF model
+    python bench/bench_lora.py --smoke
+"""
+from __future__ import annotations
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common
+
+import time
+import warnings
+
+import torch
+
+FORWARD_TARGET = 1.05
+APPLY_TARGET_S = 10.0
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__)
+    p.add_argument("--size", type=int, default=None, help="square image size in pixels (default 1328)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--weights", default="bf16", help="bf16, fp8 or a GGUF type (Q8_0, Q4_K, ...)")
+    args = common.finish_args(p.parse_args(argv), warmup=3, iters=10)
+    args.size = args.size or (64 if args.smoke else 1328)
+    return args
+
+
+def random_lora(model, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, lin in common.block_linears(model):
+        sd[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, lin.in_features, generator=g)
+                                                   * lin.in_features**-0.5).to(torch.bfloat16)
+        sd[f"transformer.{name}.lora_B.weight"] = (torch.randn(lin.out_features, rank, generator=g)
+                                                   * (0.01 / rank**0.5)).to(torch.bfloat16)
+    return sd
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = args.device
+    lora = common.pack("model_defs.weights.lora")
+    print(common.environment(device))
+    cfg = common.mmdit_config(args.smoke)
+    model = common.build_mmdit(cfg, device)
+    if args.weights == "fp8":
+        common.to_fp8(model)
+    elif args.weights != "bf16":
+        common.to_gguf(model, args.weights)
+    common.free(device)
+    inputs = common.mmdit_inputs(cfg, args.size, args.batch, args.text_tokens, device)
+
+    def run():
+        with torch.inference_mode():
+            return model(*inputs)
+
+    base_s, base_out = common.time_fn(run, device, args.warmup, args.iters)
+    sd = random_lora(model, args.rank)
+    lora_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weights = lora.parse_lora(sd, model, "random_rank%d.safetensors" % args.rank, metadata={})
+    lora.apply_loras(model, [(weights, 1.0)])
+    apply_s = time.perf_counter() - t0
+    first_s, _ = common.wall(run, device)  # includes uploading the factors
+    lora_s, lora_out = common.time_fn(run, device, args.warmup, args.iters)
+    lora.apply_loras(model, [])
+    off_s, off_out = common.time_fn(run, device, 0, 1)
+    removed_ok = torch.equal(off_out, base_out)
+
+    ratio = lora_s / base_s
+    rows = [
+        ["forward without LoRA", common.fmt_ms(base_s), "1.00x", "-"],
+        [f"forward with rank-{args.rank} LoRA", common.fmt_ms(lora_s), f"{ratio:.3f}x",
+         f"<= {FORWARD_TARGET}x {'ok' if ratio <= FORWARD_TARGET else 'MISSED'}"],
+        [f"apply (parse + patch {len(weights.layers)} layers, {lora_bytes / 2**20:.0f} MiB)", f"{apply_s:.2f} s", "-",
+         f"<= {APPLY_TARGET_S:.0f} s {'ok' if apply_s <= APPLY_TARGET_S else 'MISSED'}"],
+        ["first forward after apply (uploads factors)", common.fmt_ms(first_s), "-", "-"],
+        ["removed: output equals no-LoRA output", "yes" if removed_ok else "NO", "-", "-"],
+    ]
+    common.print_table(
+        f"LoRA on the MMDiT ({args.weights} weights), {args.size}^2 batch {args.batch}, {cfg.num_layers} layers"
+        f"{common.smoke_note(args)}",
+        ["what", "time", "vs no LoRA", "target"], rows,
+        notes=["peer (quoted from the LoRA issue, not measured here): ComfyUI-GGUF users report up to 3x slower "
+               "forwards with several LoRAs"],
+    )
+    return {"base_s": base_s, "lora_s": lora_s, "apply_s": apply_s, "removed_ok": removed_ok}
+
+
+if __name__ == "__main__":
+    main()
