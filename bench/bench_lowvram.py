@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--formats", default=None, help="default bf16,fp8,Q8_0,Q4_K (smoke: bf16,Q4_K)")
     p.add_argument("--headroom-gb", type=float, default=None, help="kept free for activations (default 3)")
     p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--simple", action="store_true",
+                   help="stream with the old offload.BlockStreamer (no prefetch, nothing kept) for comparison")
     args = common.finish_args(p.parse_args(argv), warmup=1, iters=2)
     args.size = args.size or (64 if args.smoke else 1328)
     # Smoke: caps in GiB small enough that the tiny model streams.
@@ -59,6 +61,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
     streaming = common.pack("model_defs.streaming")
+    offload = common.pack("model_defs.offload")
     fp8_matmul = common.pack("model_defs.fp8_matmul")
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)
@@ -77,7 +80,7 @@ def main(argv=None) -> dict:
         try:
             for cap in args.caps:
                 budget = int((cap - args.headroom_gb) * common.GIB) - head_bytes
-                keep = streaming.blocks_that_fit(blocks, budget, prefetch=args.prefetch)
+                keep = 0 if args.simple else streaming.blocks_that_fit(blocks, budget, prefetch=args.prefetch)
                 streamed = sum(streaming.block_bytes(b) for b in list(blocks)[keep:])
                 cell = [fmt, f"{cap:g} GiB", f"{total / common.GIB:.1f} GiB", f"{keep}/{len(blocks)}"]
                 try:
@@ -85,7 +88,9 @@ def main(argv=None) -> dict:
                         for m in head:
                             m.to(device)
                         inputs = tuple(t.to(device) for t in inputs_cpu)
-                        with streaming.BlockStreamer(blocks, device, "cpu", prefetch=args.prefetch, keep=keep):
+                        streamer = (offload.BlockStreamer(blocks, device, "cpu") if args.simple else
+                                    streaming.BlockStreamer(blocks, device, "cpu", prefetch=args.prefetch, keep=keep))
+                        with streamer:
                             def step():
                                 with torch.inference_mode():
                                     return model(*inputs)
@@ -112,8 +117,8 @@ def main(argv=None) -> dict:
         common.free(device)
 
     common.print_table(
-        f"Seconds per step (one forward, batch {args.batch}) at {args.size}^2 under memory caps, prefetch "
-        f"{args.prefetch}{common.smoke_note(args)}",
+        f"Seconds per step (one forward, batch {args.batch}) at {args.size}^2 under memory caps, "
+        f"{'simple streamer (no prefetch)' if args.simple else f'prefetch {args.prefetch}'}{common.smoke_note(args)}",
         ["weights", "cap", "model size", "blocks resident", "s / step", "peak VRAM", "streamed bytes / s", "note"],
         rows,
         notes=([f"fp8 rows use {'float8 matmuls' if fp8_fast else 'dequantized fp8 weights (no float8 tensor cores here)'}"]

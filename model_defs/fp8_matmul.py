@@ -41,6 +41,8 @@ _HALF = (torch.bfloat16, torch.float16)
 
 _enabled = os.environ.get("QWENIMAGE_FP8_MATMUL", "0").strip().lower() in ("1", "true", "yes", "on")
 _mode = os.environ.get("QWENIMAGE_FP8_MATMUL_MODE", "auto").strip().lower()
+if _mode not in MODES + ("auto",):
+    _mode = "auto"
 _allow_cpu = False  # tests: torch._scaled_mm also runs (slowly) on the CPU
 _device_ok: dict[tuple[str, int | None], bool] = {}
 _broken: set[tuple] = set()  # (device, mode, out dtype, has bias, bias in kernel) the kernel refused

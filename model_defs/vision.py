@@ -10,13 +10,14 @@ inside one image, so a batch of images is the concatenation of single-image resu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .text_encoder import RMSNorm
 from .weights.linear import Linear
 
 # CLIP's normalization, which the Qwen2-VL image processor uses.
@@ -106,18 +107,6 @@ class VisionConfig:
             window_size=4 * patch * merge,
             fullatt_block_indexes=tuple(i for i in range(depth) if i % 8 == 7 or i == depth - 1),
         )
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(device=x.device, dtype=x.dtype) * h.to(x.dtype)
 
 
 class PatchEmbed(nn.Module):

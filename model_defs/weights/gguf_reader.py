@@ -373,37 +373,20 @@ def _strip_mmdit_prefix(name: str) -> str:
     return name
 
 
-_TEXT_LAYER = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-_TEXT_LAYER_PARTS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TEXT_TOP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
-_TEXT_DROP = ("output.weight", "lm_head.weight")
-_HF_TEXT_PREFIXES = ("model.language_model.", "model.")
-
-
 def _text_name(name: str) -> str | None:
     """llama.cpp (or HF) name -> ours; None for tensors the text encoder does not use."""
-    if name in _TEXT_DROP:
-        return None
-    if name in _TEXT_TOP:
-        return _TEXT_TOP[name]
-    m = _TEXT_LAYER.match(name)
-    if m and m.group(2) in _TEXT_LAYER_PARTS:
-        return f"layers.{m.group(1)}.{_TEXT_LAYER_PARTS[m.group(2)]}.{m.group(3)}"
-    for prefix in _HF_TEXT_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    # Unknown names are passed on unchanged for the loader to report.
-    return name
+    kind, new = _text_route(name)
+    return new if kind == "lm" else None
+
+
+def _text_route(name: str) -> tuple[str, str]:
+    from .keys_text import text_key
+
+    try:
+        return text_key(name)
+    except ValueError:
+        # Unknown names are passed on unchanged for the loader to report.
+        return "lm", name
 
 
 def _map_text(tensors: dict) -> dict:

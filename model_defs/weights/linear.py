@@ -43,7 +43,7 @@ def dequantize_rows(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dt
     fn = DEQUANTIZERS.get(qtype)
     if fn is None:
         # Importing registers the kernels; done lazily so plain models never pay for it.
-        from . import dequant  # noqa: F401
+        from . import dequant  # noqa: F401  (importing registers the kernels)
 
         fn = DEQUANTIZERS.get(qtype)
     if fn is None:

@@ -24,10 +24,11 @@ For a given seed the result matches diffusers' QwenImagePipeline.
 """
 
 
-def t2i() -> list[Node]:
+def t2i_graph(model_name: str, note: str, prefix: str) -> list[Node]:
+    """The official text-to-image graph around the diffusion model file ``model_name``."""
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"},
-             pos=(20, 40), models=["qwen_image_fp8_e4m3fn.safetensors"]),
+        Node(1, "QwenImageDiTLoader", {"model_name": model_name, "weight_dtype": "default", "variant": "auto"},
+             pos=(20, 40), models=[model_name]),
         Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"},
              pos=(20, 200), models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
         Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, pos=(20, 360), models=["qwen_image_vae.safetensors"]),
@@ -43,9 +44,13 @@ def t2i() -> list[Node]:
                      "negative": (5, 0, "CONDITIONING")},
              pos=(840, 40), size=(320, 300)),
         Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")}, pos=(1200, 40)),
-        Node(9, "SaveImage", {"filename_prefix": "qwen-image"}, inputs={"images": (8, 0, "IMAGE")}, pos=(1200, 200), size=(400, 440)),
-        Node(10, "MarkdownNote", {"text": T2I_NOTE}, pos=(-420, 40), size=(400, 420), title="Read me"),
+        Node(9, "SaveImage", {"filename_prefix": prefix}, inputs={"images": (8, 0, "IMAGE")}, pos=(1200, 200), size=(400, 440)),
+        Node(10, "MarkdownNote", {"text": note}, pos=(-420, 40), size=(400, 420), title="Read me"),
     ]
+
+
+def t2i() -> list[Node]:
+    return t2i_graph("qwen_image_fp8_e4m3fn.safetensors", T2I_NOTE, "qwen-image")
 
 
 WORKFLOWS = {"qwen_image_t2i": t2i}
