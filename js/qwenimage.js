@@ -1,6 +1,7 @@
 // ComfyUI frontend extension for the Qwen-Image nodes:
 // - QwenImageEmptyLatent: choosing an aspect-ratio preset writes the official size into width /
 //   height and locks them; "custom" unlocks them.
+// - QwenImageEditEncode: the image sockets read "Picture 1..3", the names prompts use for them.
 // - Loader nodes: a badge above the title shows what was loaded (variant, weight format), as
 //   reported by the backend (nodes/loaders.py -> runtime.notify_ui). It is kept in the node's
 //   properties, so it survives a reload of the page and is saved with the workflow.
@@ -8,6 +9,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { widgetState } from "./lib/aspect_ratio.js";
+import { EDIT_NODE, editImageLabel } from "./lib/edit_inputs.js";
 import { BADGE_PROPERTY, LOADER_TYPES, MODEL_INFO_EVENT, badgeText, fitText, nodeIdPath } from "./lib/model_badge.js";
 
 const EXTENSION_NAME = "qwenimage.ui";
@@ -44,6 +46,13 @@ function setupEmptyLatent(node) {
   if (!ratio) return;
   chain(ratio, "callback", () => syncAspectRatio(node));
   syncAspectRatio(node);
+}
+
+function labelEditInputs(node) {
+  for (const input of node.inputs ?? []) {
+    const label = editImageLabel(input.name);
+    if (label) input.label = label;
+  }
 }
 
 function drawBadge(node, ctx) {
@@ -101,6 +110,14 @@ app.registerExtension({
       // A saved workflow's values arrive after creation.
       chain(nodeType.prototype, "onConfigure", function () {
         syncAspectRatio(this);
+      });
+    }
+    if (nodeData.name === EDIT_NODE) {
+      chain(nodeType.prototype, "onNodeCreated", function () {
+        labelEditInputs(this);
+      });
+      chain(nodeType.prototype, "onConfigure", function () {
+        labelEditInputs(this);
       });
     }
     if (LOADER_TYPES.includes(nodeData.name)) {

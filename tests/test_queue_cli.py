@@ -269,3 +269,18 @@ def test_every_bundled_workflow_takes_the_common_overrides(path):
     changes = cli.apply_overrides(prompt, args)
     assert any(c.endswith("= 'x'") for c in changes)
     assert any(".seed = 5" in c or ".noise_seed = 5" in c for c in changes)
+
+
+def test_prompt_follows_pass_through_nodes():
+    """--prompt / --negative reach the text behind a ControlNet-apply-like node, and only that text."""
+    prompt = {
+        "4": {"class_type": "QwenImageTextEncode", "inputs": {"prompt": "pos", "text_encoder": ["2", 0]}},
+        "5": {"class_type": "QwenImageTextEncode", "inputs": {"prompt": "neg", "text_encoder": ["2", 0]}},
+        "10": {"class_type": "QwenImageControlNetApply", "inputs": {"positive": ["4", 0], "negative": ["5", 0], "strength": 1.0}},
+        "11": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["10", 1]}},
+        "7": {"class_type": "QwenImageSampler", "inputs": {"positive": ["10", 0], "negative": ["11", 0], "seed": 1}},
+    }
+    args = cli.build_parser().parse_args(["--workflow", "x", "--prompt", "a cat", "--negative", "blurry"])
+    cli.apply_overrides(prompt, args)
+    assert prompt["4"]["inputs"]["prompt"] == "a cat"
+    assert prompt["5"]["inputs"]["prompt"] == "blurry"

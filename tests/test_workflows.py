@@ -166,3 +166,37 @@ def test_api_workflow(path, pack_nodes, core_nodes):
             else:
                 assert is_widget(typ), f"{path.name}: node {node_id}.{name} needs a link, got a value"
                 check_value(node_id, name, typ, opts, value)
+
+
+# Which ComfyUI folder each loader input reads: the Missing Models dialog downloads there.
+MODEL_DIRECTORIES = {
+    ("QwenImageDiTLoader", "model_name"): {"diffusion_models"},
+    ("QwenImageTextEncoderLoader", "text_encoder_name"): {"text_encoders"},
+    ("QwenImageTextEncoderLoader", "mmproj_name"): {"text_encoders"},
+    ("QwenImageVAELoader", "vae_name"): {"vae"},
+    ("QwenImageLoraLoader", "lora_name"): {"loras"},
+    ("QwenImageControlNetLoader", "controlnet_name"): {"controlnet", "model_patches"},
+}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_model_file_has_a_download_link(path, pack_nodes, core_nodes):
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    for node in wf["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        inputs, _ = node_spec(node["type"], pack_nodes, core_nodes)
+        names = [n for n, typ, _o, _r in inputs if is_widget(typ)]
+        widgets = dict(zip(names, node.get("widgets_values", [])))
+        models = {m["name"]: m for m in node.get("properties", {}).get("models", [])}
+        for name, value in widgets.items():
+            if not (isinstance(value, str) and value.endswith(MODEL_FILE_SUFFIXES)):
+                continue
+            entry = models.get(value)
+            where = f"{path.name}: node {node['id']} ({node['type']}).{name} = {value}"
+            assert entry is not None, f"{where} has no properties.models entry (Missing Models dialog)"
+            assert entry["url"].startswith("https://huggingface.co/") and "/resolve/" in entry["url"], where
+            assert entry["url"].rsplit("/", 1)[-1] == value, f"{where}: the URL downloads another file name"
+            allowed = MODEL_DIRECTORIES.get((node["type"], name))
+            if allowed:
+                assert entry["directory"] in allowed, f"{where}: directory {entry['directory']} not in {allowed}"

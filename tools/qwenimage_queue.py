@@ -106,7 +106,8 @@ def prompt_text_nodes(prompt: dict, which: str) -> list[str]:
                 if src not in found:
                     found.append(src)
                 break
-            src = _link_source(inputs.get("conditioning"))  # a node that passes conditioning through
+            # A node passing conditioning through (reference latents, ControlNet apply): follow it.
+            src = _link_source(inputs.get(which)) or _link_source(inputs.get("conditioning"))
     return found
 
 
@@ -422,6 +423,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     prompt = load_workflow(args.workflow)
     client = Client(args.server)
+    # Every override is checked before anything is uploaded or queued.
+    changes = apply_overrides(prompt, args)
     if args.image:
         loaders = _nodes_of(prompt, "LoadImage")
         if not loaders:
@@ -434,8 +437,9 @@ def run(argv: list[str] | None = None) -> list[Path]:
         names = [client.upload_image(Path(p)) for p in args.image]
         for node_id, name in zip(loaders, names * len(loaders) if len(names) == 1 else names):
             prompt[node_id].setdefault("inputs", {})["image"] = name
-    for line in apply_overrides(prompt, args):
-        if not args.quiet:
+            changes.append(f"{node_id}.image = {name!r}")
+    if not args.quiet:
+        for line in changes:
             print("set", line)
     progress = None if args.no_wait or args.no_websocket else _Progress(client, args.quiet)
     try:

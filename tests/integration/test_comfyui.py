@@ -172,12 +172,12 @@ def test_interrupt_stops_sampling_and_the_next_prompt_runs(server):
     _idle(server)
     # Warm the loaders and text encoders (cached by ComfyUI), so the long prompt goes straight to sampling.
     assert _succeeded(_wait(server, _queue(server, _t2i_prompt(server, seed=1))))
-    long_id = _queue(server, _t2i_prompt(server, seed=2, steps=1000, size=256))
+    long_id = _queue(server, _t2i_prompt(server, seed=2, steps=1000, size=512))  # minutes uninterrupted
     deadline = time.monotonic() + 60
     while not any(item[1] == long_id for item in server.get_json("/queue")["queue_running"]):
         assert time.monotonic() < deadline, "the long prompt never started"
         time.sleep(0.1)
-    time.sleep(3.0)  # well into the 1000 steps
+    time.sleep(2.0)  # into the 1000 steps (loaders and text encodes are cached)
     asked = time.monotonic()
     server.post_json("/interrupt", {})
     entry = _wait(server, long_id, timeout=60)

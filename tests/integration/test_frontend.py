@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,22 @@ EXTENSION_NAME = "qwenimage.ui"
 APP = "window.comfyAPI.app.app"
 
 
+@dataclass
+class Frontend:
+    page: object  # playwright.sync_api.Page
+    server: object  # comfyui_harness.ComfyUIServer
+    errors: list  # uncaught page errors
+
+    def evaluate(self, script: str, arg=None):
+        return self.page.evaluate(script, arg)
+
+
 @pytest.fixture(scope="module")
-def page():
-    server = shared_server()
+def ui():
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set $CHROMIUM)")
+    server = shared_server()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM), headless=True,
@@ -48,26 +59,24 @@ def page():
                     afterConfigureGraph(missing) { window.__qwenMissing = (missing || []).map((m) => m?.type ?? m); },
                 });
             }""")
-            pg.page_errors = errors
-            pg.server = server
-            yield pg
+            yield Frontend(pg, server, errors)
         finally:
             browser.close()
 
 
-def test_extension_is_served_and_registered(page):
-    files = page.server.get_json("/extensions")
+def test_extension_is_served_and_registered(ui):
+    files = ui.server.get_json("/extensions")
     assert any(f.endswith("/qwenimage.js") for f in files), files
-    names = page.evaluate(f"() => {APP}.extensions.map((e) => e.name)")
+    names = ui.evaluate(f"() => {APP}.extensions.map((e) => e.name)")
     assert EXTENSION_NAME in names
-    ours = [e for e in page.page_errors if "qwenimage" in e.lower()]
+    ours = [e for e in ui.errors if "qwenimage" in e.lower()]
     assert not ours, ours
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_loads_without_missing_nodes(page, path):
+def test_workflow_loads_without_missing_nodes(ui, path):
     wf = json.loads(path.read_text(encoding="utf-8"))
-    result = page.evaluate(
+    result = ui.evaluate(
         """async ([wf, name]) => {
             const app = window.comfyAPI.app.app;
             window.__qwenMissing = null;
@@ -87,11 +96,11 @@ def test_workflow_loads_without_missing_nodes(page, path):
     assert result["loaded"] == len(wf["nodes"])
 
 
-def test_the_missing_node_probe_sees_a_missing_node(page):
+def test_the_missing_node_probe_sees_a_missing_node(ui):
     """Control for the test above: an unknown node type is reported."""
     wf = json.loads((ROOT / "workflows" / "qwen_image_t2i.json").read_text(encoding="utf-8"))
     wf["nodes"][0]["type"] = "QwenImageNoSuchNode"
-    missing = page.evaluate(
+    missing = ui.evaluate(
         """async (wf) => {
             await window.comfyAPI.app.app.loadGraphData(wf, true, true, "control",
                 { showMissingModelsDialog: false, showMissingNodesDialog: false });
@@ -102,9 +111,9 @@ def test_the_missing_node_probe_sees_a_missing_node(page):
     assert missing == ["QwenImageNoSuchNode"]
 
 
-def test_aspect_ratio_preset_locks_the_size_in_the_real_frontend(page):
+def test_aspect_ratio_preset_locks_the_size_in_the_real_frontend(ui):
     wf = json.loads((ROOT / "workflows" / "qwen_image_t2i.json").read_text(encoding="utf-8"))
-    state = page.evaluate(
+    state = ui.evaluate(
         """async (wf) => {
             const app = window.comfyAPI.app.app;
             await app.loadGraphData(wf, true, true, "aspect", { showMissingModelsDialog: false });
@@ -126,13 +135,29 @@ def test_aspect_ratio_preset_locks_the_size_in_the_real_frontend(page):
     assert state["custom"] == [1664, 928, False]
 
 
-def test_loader_badge_shows_what_the_backend_loaded(page):
+def test_edit_image_inputs_are_labelled(ui):
+    path = ROOT / "workflows" / "qwen_image_edit_2509.json"
+    if not path.is_file():
+        pytest.skip("no edit-2509 workflow")
+    labels = ui.evaluate(
+        """async (wf) => {
+            const app = window.comfyAPI.app.app;
+            await app.loadGraphData(wf, true, true, "edit", { showMissingModelsDialog: false });
+            return app.graph._nodes.filter((n) => n.type === "QwenImageEditEncode")
+                .map((n) => n.inputs.filter((i) => i.name.startsWith("image")).map((i) => i.label ?? i.name));
+        }""",
+        json.loads(path.read_text(encoding="utf-8")),
+    )
+    assert labels and all(node == ["Picture 1", "Picture 2", "Picture 3"] for node in labels), labels
+
+
+def test_loader_badge_shows_what_the_backend_loaded(ui):
     """Queue t2i from the page on the tiny files; the backend's qwenimage.model_info message
     must land on the loader nodes (ComfyUI's cache is emptied first so the loaders run)."""
-    files = page.server.files
-    page.server.post_json("/free", {"unload_models": True, "free_memory": True})
+    files = ui.server.files
+    ui.server.post_json("/free", {"unload_models": True, "free_memory": True})
     wf = json.loads((ROOT / "workflows" / "qwen_image_t2i.json").read_text(encoding="utf-8"))
-    page.evaluate(
+    ui.evaluate(
         """async ([wf, files]) => {
             const app = window.comfyAPI.app.app;
             await app.loadGraphData(wf, true, true, "badge", { showMissingModelsDialog: false });
@@ -151,12 +176,12 @@ def test_loader_badge_shows_what_the_backend_loaded(page):
         }""",
         [wf, files],
     )
-    page.wait_for_function(
+    ui.page.wait_for_function(
         """() => ["QwenImageDiTLoader", "QwenImageTextEncoderLoader", "QwenImageVAELoader"].every((t) =>
             window.comfyAPI.app.app.graph._nodes.find((n) => n.type === t)?.properties?.qwenimage_loaded)""",
         timeout=180_000,
     )
-    badges = page.evaluate(
+    badges = ui.evaluate(
         """() => Object.fromEntries(window.comfyAPI.app.app.graph._nodes
             .filter((n) => n.properties?.qwenimage_loaded).map((n) => [n.type, n.properties.qwenimage_loaded]))"""
     )

@@ -104,3 +104,12 @@ test("model info from the backend lands on the right loader node and is drawn", 
   loader.onDrawForeground(ctx);
   assert.equal(drawn.length, 1);
 });
+
+test("edit image sockets are labelled as the prompts name them", async () => {
+  const NodeType = makeNodeType();
+  await ext.beforeRegisterNodeDef(NodeType, { name: "QwenImageEditEncode" });
+  const node = new NodeType();
+  node.inputs = [{ name: "text_encoder" }, { name: "vae" }, { name: "image1" }, { name: "image2" }, { name: "image3" }];
+  node.onNodeCreated();
+  assert.deepEqual(node.inputs.map((i) => i.label), [undefined, undefined, "Picture 1", "Picture 2", "Picture 3"]);
+});
