@@ -81,20 +81,7 @@ class QwenImageVAEDecode:
     def decode(self, vae, samples, tiled="auto"):
         z, _ = lf.to_4d(samples["samples"])
         lf.check_channels(z)
-        device = runtime.compute_device()
-        images = []
-        with placement.on_device(vae.module, device), torch.inference_mode():
-            for i in range(z.shape[0]):  # one at a time: decoder activations dominate memory
-                zi = z[i : i + 1].to(device=device, dtype=_vae_dtype(vae))
-                if tiled == "always":
-                    px = vae.module.decode_tiled(zi)
-                elif tiled == "never":
-                    px = vae.module.decode(zi)
-                else:
-                    px = vae.module.decode_auto(zi)
-                images.append(px.float().cpu())
-                runtime.check_interrupt()
-        px = torch.cat(images)
+        px = _per_image(vae, z, {"always": "decode_tiled", "never": "decode"}.get(tiled, "decode_auto"))
         return (((px.clamp(-1, 1) + 1.0) * 0.5).permute(0, 2, 3, 1).contiguous(),)
 
 
@@ -113,20 +100,21 @@ class QwenImageVAEEncode:
 
     def encode(self, vae, pixels, tiled="auto"):
         px = image_to_vae_input(pixels)
-        device = runtime.compute_device()
-        out = []
-        with placement.on_device(vae.module, device), torch.inference_mode():
-            for i in range(px.shape[0]):
-                xi = px[i : i + 1].to(device=device, dtype=_vae_dtype(vae))
-                if tiled == "always":
-                    z = vae.module.encode_tiled(xi)
-                elif tiled == "never":
-                    z = vae.module.encode(xi)
-                else:
-                    z = vae.module.encode_auto(xi)
-                out.append(z.float().cpu())
-                runtime.check_interrupt()
-        return ({"samples": torch.cat(out)},)
+        z = _per_image(vae, px, {"always": "encode_tiled", "never": "encode"}.get(tiled, "encode_auto"))
+        return ({"samples": z},)
+
+
+def _per_image(vae, batch: torch.Tensor, method: str) -> torch.Tensor:
+    """Run ``vae.module.<method>`` on each item of ``batch`` on the compute device (the VAE's
+    activations, not its weights, dominate memory), returning float32 results on the CPU."""
+    device = runtime.compute_device()
+    out = []
+    with placement.on_device(vae.module, device), torch.inference_mode():
+        fn = getattr(vae.module, method)
+        for i in range(batch.shape[0]):
+            out.append(fn(batch[i : i + 1].to(device=device, dtype=_vae_dtype(vae))).float().cpu())
+            runtime.check_interrupt()
+    return torch.cat(out)
 
 
 def image_to_vae_input(pixels: torch.Tensor) -> torch.Tensor:

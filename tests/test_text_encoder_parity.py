@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import references as refs
+
 from qwenimage_pack.model_defs.text_encoder import QwenTextEncoder, TextEncoderConfig, encode_text
 from qwenimage_pack.model_defs.weights.keys_text import convert_text_encoder_keys
 
@@ -19,38 +21,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def reference():
-    cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-        ),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=256, fullatt_block_indexes=[0]),
-    )
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    # The default init leaves biases at 0 and norm gains at 1: randomize so every weight counts.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.05)
-    return model
+    return refs.tiny_text_encoder()
 
 
-def original_layout(sd: dict) -> dict:
-    """transformers-5 names -> the original checkpoint names (model.layers.*, visual.*)."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("model.language_model."):
-            k = "model." + k[len("model.language_model."):]
-        elif k.startswith("model.visual."):
-            k = "visual." + k[len("model.visual."):]
-        out[k] = v
-    return out
+original_layout = refs.original_text_layout
 
 
 def build_ours(reference, layout: str = "v5") -> QwenTextEncoder:
