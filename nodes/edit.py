@@ -10,9 +10,11 @@ from ..model_defs import latent_format as lf
 from ..model_defs.vision import QwenVisionTower, build_vision_tower
 from . import placement, runtime
 from .conditioning import make_conditioning
-from .handles import TEXT_ENCODER_TYPE, VAE_TYPE
+from .handles import MODEL_TYPE, TEXT_ENCODER_TYPE, VAE_TYPE
 
 VARIANTS = ("auto", "edit", "edit-plus")
+# diffusion-model variant -> the prompt template it was trained with
+MODEL_TEMPLATE = {"edit": "edit", "edit-2509": "edit-plus", "edit-2511": "edit-plus"}
 SIZING = ("preserve", "reference")
 MIN_SIDE = 16
 LARGE_PIXELS = 16 * E.VAE_AREA  # above this an input is mostly detail the model never sees
@@ -164,14 +166,19 @@ class QwenImageEditEncode:
                 "variant": (list(VARIANTS), {"default": "auto", "tooltip": (
                     "edit: the original Qwen-Image-Edit template (one image). edit-plus: Edit-2509 / Edit-2511 "
                     "('Picture 1: ...' per image, smaller vision copies); pick it for those models even with one "
-                    "image. auto: edit-plus when more than one image is connected, else edit.")}),
+                    "image. auto: follows the connected model's variant when 'model' is connected, else edit-plus "
+                    "when more than one image is connected, else edit.")}),
                 "sizing": (list(SIZING), {"default": "preserve", "tooltip": (
                     "preserve: images scaled uniformly to about 1 MP, sides rounded to 16, so the output lines up "
                     "with the input. reference: diffusers' sizes (sides rounded to 32), for identical results.")}),
+                "model": (MODEL_TYPE, {"tooltip": "Optional: the diffusion model, so variant 'auto' picks the template its variant was trained with."}),
             },
         }
 
-    def encode(self, text_encoder, vae, prompt, image1, image2=None, image3=None, variant="auto", sizing="preserve"):
+    def encode(self, text_encoder, vae, prompt, image1, image2=None, image3=None, variant="auto", sizing="preserve",
+               model=None):
+        if variant == "auto" and model is not None:
+            variant = MODEL_TEMPLATE.get(getattr(model, "variant", None), "auto")
         return edit_conditioning(text_encoder, vae, prompt, [image1, image2, image3], variant, sizing)
 
 

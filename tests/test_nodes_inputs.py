@@ -147,3 +147,17 @@ def test_denoise_zero_returns_input_and_keeps_noise_mask():
     latent = {"samples": torch.randn(1, 16, 8, 8), "noise_mask": torch.ones(1, 64, 64)}
     out = sampling.sample(_handle(_Echo()), [[torch.randn(1, 3, 8), {}]], latent, 0, 10, 1.0, denoise=0.0)
     assert torch.equal(out["samples"], latent["samples"]) and out["noise_mask"] is latent["noise_mask"]
+
+
+def test_edit_auto_variant_follows_the_connected_model(monkeypatch):
+    from qwenimage_pack.nodes import edit
+
+    seen = []
+    monkeypatch.setattr(edit, "edit_conditioning", lambda te, vae, prompt, images, variant, sizing: seen.append(variant))
+    node = edit.QwenImageEditEncode()
+    for model_variant, expected in (("edit", "edit"), ("edit-2509", "edit-plus"), ("edit-2511", "edit-plus"), ("qwen-image", "auto")):
+        node.encode(None, None, "p", torch.zeros(1, 8, 8, 3), model=_handle(_Echo()).__class__(
+            module=_Echo(), name="m", variant=model_variant, weight_format="bf16"))
+        assert seen[-1] == expected
+    node.encode(None, None, "p", torch.zeros(1, 8, 8, 3), variant="edit")
+    assert seen[-1] == "edit"
