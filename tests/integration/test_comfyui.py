@@ -203,3 +203,15 @@ def test_two_queued_prompts_both_finish(server):
     assert all(_succeeded(e) for e in entries), [e.get("status") for e in entries]
     names = [img["filename"] for e in entries for img in _images(e)]
     assert len(names) == 2 and len(set(names)) == 2, names
+
+
+def test_template_browser_lists_every_ui_workflow(server):
+    """ComfyUI's template browser lists <pack>/workflows/*.json (not the api/ twins, which would
+    not open as UI workflows)."""
+    templates = server.get_json("/workflow_templates")
+    ours = [
+        names for pack, names in templates.items()
+        if (Path(server.comfy) / "custom_nodes" / pack).resolve() == ROOT.resolve()
+    ]
+    assert ours, f"the pack's workflows are not offered as templates: {templates}"
+    assert sorted(ours[0]) == sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
