@@ -20,10 +20,20 @@ _RESIDENT: "OrderedDict[int, torch.nn.Module]" = OrderedDict()
 _HEADROOM = 1.5 * (1 << 30)  # activations and the allocator's slack
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
+def _module_device(module: torch.nn.Module) -> torch.device | None:
+    """The one device holding all of ``module``'s parameters; None when they are spread out."""
+    devices = {p.device for p in module.parameters()}
+    if not devices:
+        return torch.device("cpu")
+    return devices.pop() if len(devices) == 1 else None
+
+
+def _canonical(device) -> torch.device:
+    # torch.device("cuda") != torch.device("cuda:0"), but parameters always carry the index.
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _evict_for(bytes_needed: int, device: torch.device, keep: torch.nn.Module) -> None:
@@ -46,7 +56,7 @@ def on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str 
     ModuleList attribute, everything but those blocks moves to the device and the blocks
     stream through one at a time.
     """
-    device = torch.device(device)
+    device = _canonical(device)
     if device.type == "cuda":
         # GGUF weights are expanded on the GPU every step: use the compiled kernels there
         # (idempotent; no-op when torch.compile cannot work, or QWENIMAGE_FUSED_DEQUANT=0).
@@ -77,12 +87,18 @@ def on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str 
     )
     # Leading blocks that fit next to the streaming window stay on the device: fewer uploads per step.
     keep = blocks_that_fit(blocks, runtime.free_device_memory(device) - int(_HEADROOM))
-    with BlockStreamer(blocks, device, runtime.offload_device(), keep=keep):
-        yield "streamed"
+    try:
+        with BlockStreamer(blocks, device, runtime.offload_device(), keep=keep):
+            yield "streamed"
+    finally:
+        # Leave the module whole on one device, so the next run decides afresh.
+        module.to(runtime.offload_device())
+        runtime.soft_empty_cache()
 
 
 def _touch(module: torch.nn.Module) -> None:
-    if _module_device(module).type != "cpu":
+    where = _module_device(module)
+    if where is not None and where.type != "cpu":
         _RESIDENT[id(module)] = module
         _RESIDENT.move_to_end(id(module))
 
