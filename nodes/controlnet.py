@@ -25,7 +25,7 @@ from ..model_defs.offload import module_bytes
 from ..model_defs.weights.keys_controlnet import load_controlnet
 from . import placement, runtime
 from .handles import VAE_TYPE
-from .latents import _vae_dtype
+from .latents import vae_dtype
 
 CONTROLNET_TYPE = "QWENIMAGE_CONTROLNET"
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn")
@@ -186,7 +186,7 @@ def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     out = []
     with placement.on_device(vae.module, device), torch.inference_mode():
         for i in range(pixels.shape[0]):
-            xi = pixels[i : i + 1].to(device=device, dtype=_vae_dtype(vae))
+            xi = pixels[i : i + 1].to(device=device, dtype=vae_dtype(vae))
             out.append(vae.module.encode_auto(xi).float().cpu())
             runtime.check_interrupt()
     return torch.cat(out)

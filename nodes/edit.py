@@ -11,6 +11,7 @@ from ..model_defs.vision import QwenVisionTower, build_vision_tower
 from . import placement, runtime
 from .conditioning import make_conditioning
 from .handles import MODEL_TYPE, TEXT_ENCODER_TYPE, VAE_TYPE
+from .latents import vae_dtype
 
 VARIANTS = ("auto", "edit", "edit-plus")
 # diffusion-model variant -> the prompt template it was trained with
@@ -93,19 +94,13 @@ def pick_kind(variant: str, n_images: int) -> str:
     return "edit_plus" if n_images > 1 else "edit"
 
 
-def _vae_dtype(vae) -> torch.dtype:
-    for p in vae.module.parameters():
-        return p.dtype
-    return torch.float32
-
-
 def encode_references(vae, images: list[torch.Tensor], plans: list[E.ImagePlan], device) -> list[torch.Tensor]:
     """Raw VAE latents ``[1, 16, h, w]`` of each image's VAE copy (the mean, as the reference uses)."""
     out = []
     with placement.on_device(vae.module, device), torch.inference_mode():
         for img, plan in zip(images, plans):
             px = E.resize_image(img, *plan.vae, "lanczos")
-            x = px.permute(2, 0, 1)[None].mul(2.0).sub(1.0).to(device=device, dtype=_vae_dtype(vae))
+            x = px.permute(2, 0, 1)[None].mul(2.0).sub(1.0).to(device=device, dtype=vae_dtype(vae))
             out.append(vae.module.encode_auto(x).float().cpu())
             runtime.check_interrupt()
     return out

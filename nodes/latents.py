@@ -59,7 +59,7 @@ class QwenImageEmptyLatent:
         return ({"samples": samples},)
 
 
-def _vae_dtype(vae) -> torch.dtype:
+def vae_dtype(vae) -> torch.dtype:
     for p in vae.module.parameters():
         return p.dtype
     return torch.float32
@@ -112,7 +112,7 @@ def _per_image(vae, batch: torch.Tensor, method: str) -> torch.Tensor:
     with placement.on_device(vae.module, device), torch.inference_mode():
         fn = getattr(vae.module, method)
         for i in range(batch.shape[0]):
-            out.append(fn(batch[i : i + 1].to(device=device, dtype=_vae_dtype(vae))).float().cpu())
+            out.append(fn(batch[i : i + 1].to(device=device, dtype=vae_dtype(vae))).float().cpu())
             runtime.check_interrupt()
     return torch.cat(out)
 
