@@ -5,6 +5,8 @@ gains at one) so that every tensor we load actually influences the result.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -32,11 +34,15 @@ def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+# The smallest MMDiT that still has several heads, both streams and all three RoPE axes.
+TINY_MMDIT = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+                  num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(4, 14, 14))
+
+
 def tiny_transformer(seed: int = 0, joint_dim: int = TEXT_HIDDEN, layers: int = 2, **kw):
     from diffusers import QwenImageTransformer2DModel
 
-    cfg = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=layers, attention_head_dim=32,
-               num_attention_heads=2, joint_attention_dim=joint_dim, axes_dims_rope=(4, 14, 14))
+    cfg = dict(TINY_MMDIT, num_layers=layers, joint_attention_dim=joint_dim)
     cfg.update(kw)
     model = QwenImageTransformer2DModel(**cfg).eval()
     _randomize(model, seed)
@@ -89,3 +95,38 @@ def copy_tokenizer(tokenizer_dir: Path, dest: Path) -> Path:
         if (tokenizer_dir / f).exists():
             shutil.copy(tokenizer_dir / f, dest / f)
     return dest
+
+
+DIT_FILE = "qwen_image_tiny.safetensors"
+TEXT_ENCODER_FILE = "qwen_2.5_vl_tiny.safetensors"
+VAE_FILE = "qwen_image_vae_tiny.safetensors"
+
+
+def write_model_files(root: Path, tokenizer_dir: Path, transformer, vae, text_encoder,
+                      dit_prefix: str = "model.diffusion_model.", dit_file: str = DIT_FILE) -> None:
+    """The three models in the layouts users download: the MMDiT as a ComfyUI split file (with
+    ``dit_prefix``), the text encoder in the original checkpoint names with its tokenizer beside
+    it, the VAE in diffusers names."""
+    from safetensors.torch import save_file
+
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    save_file({dit_prefix + k: v.contiguous() for k, v in transformer.state_dict().items()},
+              root / "diffusion_models" / dit_file)
+    save_file(original_text_layout(text_encoder.state_dict()), root / "text_encoders" / TEXT_ENCODER_FILE)
+    copy_tokenizer(tokenizer_dir, root / "text_encoders" / "qwen25_tokenizer")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae" / VAE_FILE)
+
+
+@contextlib.contextmanager
+def models_dir(root: Path):
+    """Point the nodes' plain-Python model folder ($QWENIMAGE_MODELS_DIR) at ``root`` for a while."""
+    old = os.environ.get("QWENIMAGE_MODELS_DIR")
+    os.environ["QWENIMAGE_MODELS_DIR"] = str(root)
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("QWENIMAGE_MODELS_DIR", None)
+        else:
+            os.environ["QWENIMAGE_MODELS_DIR"] = old

@@ -7,7 +7,6 @@ tensor operations and injected into diffusers' transformer with a forward hook.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -67,9 +66,7 @@ def nodes(files):
     from qwenimage_pack.nodes import controlnet, loaders
 
     root = files[0]
-    old = os.environ.get("QWENIMAGE_MODELS_DIR")
-    os.environ["QWENIMAGE_MODELS_DIR"] = str(root)
-    try:
+    with refs.models_dir(root):
         load = controlnet.QwenImageControlNetLoader().load
         return dict(
             model=loaders.QwenImageDiTLoader().load("tiny.safetensors", "default")[0],
@@ -78,11 +75,6 @@ def nodes(files):
             canny=load("canny_diffsynth.safetensors")[0], ds_inpaint=load("inpaint_diffsynth.safetensors")[0],
             choices=controlnet.QwenImageControlNetLoader.INPUT_TYPES()["required"]["controlnet_name"][0],
         )
-    finally:
-        if old is None:
-            os.environ.pop("QWENIMAGE_MODELS_DIR", None)
-        else:
-            os.environ["QWENIMAGE_MODELS_DIR"] = old
 
 
 def _cond(seed: int, length: int = 6):

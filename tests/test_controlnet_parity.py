@@ -108,13 +108,8 @@ def setup(tmp_path_factory, tokenizer_dir):
     text_encoder = refs.tiny_text_encoder()
     union, inpaint = tiny_controlnet(21), tiny_controlnet(22, extra=4)
 
-    for d in ("diffusion_models", "text_encoders", "vae", "controlnet"):
-        (root / d).mkdir()
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in transformer.state_dict().items()},
-              root / "diffusion_models" / "qwen_image_tiny.safetensors")
-    save_file(refs.original_text_layout(text_encoder.state_dict()), root / "text_encoders" / "qwen_2.5_vl_tiny.safetensors")
-    refs.copy_tokenizer(tokenizer_dir, root / "text_encoders" / "qwen25_tokenizer")
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae" / "qwen_image_vae_tiny.safetensors")
+    refs.write_model_files(root, tokenizer_dir, transformer, vae, text_encoder)
+    (root / "controlnet").mkdir()
     _save(union, root / "controlnet" / "union_tiny.safetensors")
     _save(inpaint, root / "controlnet" / "inpaint_tiny.safetensors")
 
@@ -125,24 +120,15 @@ def setup(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def graph(setup):
-    import os
-
     from qwenimage_pack.nodes import conditioning, controlnet, loaders
 
     root = setup[0]
-    old = os.environ.get("QWENIMAGE_MODELS_DIR")
-    os.environ["QWENIMAGE_MODELS_DIR"] = str(root)
-    try:
+    with refs.models_dir(root):
         model = loaders.QwenImageDiTLoader().load("qwen_image_tiny.safetensors", "default")[0]
         te = loaders.QwenImageTextEncoderLoader().load("qwen_2.5_vl_tiny.safetensors")[0]
         vae = loaders.QwenImageVAELoader().load("qwen_image_vae_tiny.safetensors")[0]
         union = controlnet.QwenImageControlNetLoader().load("union_tiny.safetensors")[0]
         inpaint = controlnet.QwenImageControlNetLoader().load("inpaint_tiny.safetensors")[0]
-    finally:
-        if old is None:
-            os.environ.pop("QWENIMAGE_MODELS_DIR", None)
-        else:
-            os.environ["QWENIMAGE_MODELS_DIR"] = old
     encode = conditioning.QwenImageTextEncode().encode
     return dict(model=model, vae=vae, union=union, inpaint=inpaint, pos=encode(te, PROMPT)[0], neg=encode(te, " ")[0])
 

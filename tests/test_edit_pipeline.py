@@ -14,12 +14,10 @@ Two adjustments keep the reference honest and the test fast:
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import references as refs
 from qwenimage_pack.model_defs import edit as E
@@ -67,14 +65,7 @@ def setup(tmp_path_factory, tokenizer_dir):
     transformer_2511 = refs.tiny_transformer(zero_cond_t=True)
     vae = refs.tiny_vae()
     text_encoder = refs.tiny_text_encoder()
-    (root / "diffusion_models").mkdir()
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in transformer.state_dict().items()},
-              root / "diffusion_models" / "qwen_image_edit_tiny.safetensors")
-    (root / "text_encoders").mkdir()
-    save_file(refs.original_text_layout(text_encoder.state_dict()), root / "text_encoders" / "qwen_2.5_vl_tiny.safetensors")
-    refs.copy_tokenizer(tokenizer_dir, root / "text_encoders" / "qwen25_tokenizer")
-    (root / "vae").mkdir()
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae" / "qwen_image_vae_tiny.safetensors")
+    refs.write_model_files(root, tokenizer_dir, transformer, vae, text_encoder, dit_file="qwen_image_edit_tiny.safetensors")
     parts = dict(vae=vae, text_encoder=_with_3d_positions(text_encoder), processor=hf_processor(tokenizer_dir),
                  tokenizer=hf_processor(tokenizer_dir).tokenizer)
     return root, parts, transformer, transformer_2511
@@ -85,18 +76,11 @@ def nodes(setup):
     from qwenimage_pack.nodes import loaders
 
     root = setup[0]
-    old = os.environ.get("QWENIMAGE_MODELS_DIR")
-    os.environ["QWENIMAGE_MODELS_DIR"] = str(root)
-    try:
+    with refs.models_dir(root):
         te = loaders.QwenImageTextEncoderLoader().load("qwen_2.5_vl_tiny.safetensors")[0]
         vae = loaders.QwenImageVAELoader().load("qwen_image_vae_tiny.safetensors")[0]
         models = {v: loaders.QwenImageDiTLoader().load("qwen_image_edit_tiny.safetensors", "default", v)[0]
                   for v in ("edit", "edit-2511")}
-    finally:
-        if old is None:
-            os.environ.pop("QWENIMAGE_MODELS_DIR", None)
-        else:
-            os.environ["QWENIMAGE_MODELS_DIR"] = old
     return te, vae, models
 
 

@@ -9,12 +9,10 @@ diffusers' binarized nearest-neighbour mask and the sampler's bilinear one agree
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import references as refs
 
@@ -28,30 +26,16 @@ def setup(tmp_path_factory, tokenizer_dir):
 
     root = tmp_path_factory.mktemp("models")
     transformer, vae, text_encoder = refs.tiny_transformer(), refs.tiny_vae(), refs.tiny_text_encoder()
-    (root / "diffusion_models").mkdir()
-    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()},
-              root / "diffusion_models" / "qwen_image_tiny.safetensors")
-    (root / "text_encoders").mkdir()
-    save_file(refs.original_text_layout(text_encoder.state_dict()), root / "text_encoders" / "qwen_2.5_vl_tiny.safetensors")
-    refs.copy_tokenizer(tokenizer_dir, root / "text_encoders" / "qwen25_tokenizer")
-    (root / "vae").mkdir()
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae" / "qwen_image_vae_tiny.safetensors")
+    refs.write_model_files(root, tokenizer_dir, transformer, vae, text_encoder, dit_prefix="")
     parts = dict(vae=vae, text_encoder=text_encoder, transformer=transformer,
                  tokenizer=transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
 
     from qwenimage_pack.nodes import conditioning, loaders
 
-    old = os.environ.get("QWENIMAGE_MODELS_DIR")
-    os.environ["QWENIMAGE_MODELS_DIR"] = str(root)
-    try:
+    with refs.models_dir(root):
         model = loaders.QwenImageDiTLoader().load("qwen_image_tiny.safetensors", "default")[0]
         te = loaders.QwenImageTextEncoderLoader().load("qwen_2.5_vl_tiny.safetensors")[0]
         our_vae = loaders.QwenImageVAELoader().load("qwen_image_vae_tiny.safetensors")[0]
-    finally:
-        if old is None:
-            os.environ.pop("QWENIMAGE_MODELS_DIR", None)
-        else:
-            os.environ["QWENIMAGE_MODELS_DIR"] = old
     encode = conditioning.QwenImageTextEncode().encode
     graph = dict(model=model, vae=our_vae, pos=encode(te, PROMPT)[0], neg=encode(te, " ")[0])
     return parts, graph

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import references as refs
+
 from qwenimage_pack.model_defs.weights.linear import Linear
 from qwenimage_pack.model_defs.weights.load import inspect_file, load_text_encoder, load_vae
 
@@ -49,16 +51,7 @@ def text_ref():
     return model
 
 
-def original_layout(sd: dict) -> dict:
-    """transformers-5 names -> the names in ComfyUI's qwen_2.5_vl_7b.safetensors."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("model.language_model."):
-            k = "model." + k[len("model.language_model."):]
-        elif k.startswith("model.visual."):
-            k = "visual." + k[len("model.visual."):]
-        out[k] = v.contiguous()
-    return out
+original_layout = refs.original_text_layout  # the names in ComfyUI's qwen_2.5_vl_7b.safetensors
 
 
 def reference_hidden(model, ids):

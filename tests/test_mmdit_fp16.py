@@ -10,22 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import references as refs
+
 pytest.importorskip("diffusers")
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline  # noqa: E402
 
 from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
 
-TINY = dict(
-    patch_size=2,
-    in_channels=64,
-    out_channels=16,
-    num_layers=2,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    joint_attention_dim=48,
-    axes_dims_rope=(4, 14, 14),
-)
+TINY = refs.TINY_MMDIT
 
 
 def _rel(a, b):

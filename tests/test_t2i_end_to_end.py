@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import references as refs
 
@@ -25,14 +24,7 @@ def setup(tmp_path_factory, tokenizer_dir):
     vae = refs.tiny_vae()
     text_encoder = refs.tiny_text_encoder()
 
-    (root / "diffusion_models").mkdir()
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in transformer.state_dict().items()},
-              root / "diffusion_models" / "qwen_image_tiny.safetensors")
-    (root / "text_encoders").mkdir()
-    save_file(refs.original_text_layout(text_encoder.state_dict()), root / "text_encoders" / "qwen_2.5_vl_tiny.safetensors")
-    refs.copy_tokenizer(tokenizer_dir, root / "text_encoders" / "qwen25_tokenizer")
-    (root / "vae").mkdir()
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae" / "qwen_image_vae_tiny.safetensors")
+    refs.write_model_files(root, tokenizer_dir, transformer, vae, text_encoder)
 
     pipe = QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**refs.QWEN_SCHEDULER), vae=vae, text_encoder=text_encoder,
@@ -44,22 +36,13 @@ def setup(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def graph(setup):
-    import os
-
     from qwenimage_pack.nodes import conditioning, latents, loaders
 
     root, _ = setup
-    old = os.environ.get("QWENIMAGE_MODELS_DIR")
-    os.environ["QWENIMAGE_MODELS_DIR"] = str(root)
-    try:
+    with refs.models_dir(root):
         model = loaders.QwenImageDiTLoader().load("qwen_image_tiny.safetensors", "default")[0]
         te = loaders.QwenImageTextEncoderLoader().load("qwen_2.5_vl_tiny.safetensors")[0]
         vae = loaders.QwenImageVAELoader().load("qwen_image_vae_tiny.safetensors")[0]
-    finally:
-        if old is None:
-            os.environ.pop("QWENIMAGE_MODELS_DIR", None)
-        else:
-            os.environ["QWENIMAGE_MODELS_DIR"] = old
     encode = conditioning.QwenImageTextEncode().encode
     return dict(model=model, vae=vae, pos=encode(te, PROMPT)[0], neg=encode(te, " ")[0], latents=latents)
 
