@@ -197,22 +197,24 @@ def _nibbles_k(qs: torch.Tensor) -> torch.Tensor:
     return (_shifts(qs.reshape(n, 4, 1, 32), 4, 2, (1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
 
 
-def _q4_k(x: torch.Tensor) -> torch.Tensor:
+def _k_sub_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K header: per 32-value sub-block scale and min, ``[n, 8, 1]`` each."""
     n = x.shape[0]
     d, dmin = _f16(x[:, :2]), _f16(x[:, 2:4])
     scale, mins = _k_scale_min(x[:, 4:16])
-    dl = (d * scale).reshape(n, 8, 1)
-    ml = (dmin * mins).reshape(n, 8, 1)
+    return (d * scale).reshape(n, 8, 1), (dmin * mins).reshape(n, 8, 1)
+
+
+def _q4_k(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    dl, ml = _k_sub_scales(x)
     q = _nibbles_k(x[:, 16:144]).to(torch.float32)
     return (dl * q - ml).reshape(n, QK_K)
 
 
 def _q5_k(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    d, dmin = _f16(x[:, :2]), _f16(x[:, 2:4])
-    scale, mins = _k_scale_min(x[:, 4:16])
-    dl = (d * scale).reshape(n, 8, 1)
-    ml = (dmin * mins).reshape(n, 8, 1)
+    dl, ml = _k_sub_scales(x)
     qh = (_shifts(x[:, 16:48].reshape(n, 1, 1, 32), 1, 8, (1, 1, 8, 1)) & 1).reshape(n, 8, 32)
     q = (_nibbles_k(x[:, 48:176]) | (qh << 4)).to(torch.float32)
     return (dl * q - ml).reshape(n, QK_K)
