@@ -82,24 +82,6 @@ def chain_from(value, what: str) -> ControlChain:
 # ------------------------------------------------------------------------------------ loader
 
 
-def _choices() -> list[str]:
-    files = runtime.iter_unique(f for kind in FOLDER_KINDS for f in runtime.list_model_files(kind, gguf=False))
-    return files or ["(no files in models/controlnet or models/model_patches)"]
-
-
-def _resolve(name: str) -> Path:
-    if name.startswith("(no files in"):
-        raise FileNotFoundError("No ControlNet selected: put one in ComfyUI/models/controlnet (InstantX) or "
-                                "models/model_patches (DiffSynth), then refresh the page.")
-    errors = []
-    for kind in FOLDER_KINDS:
-        try:
-            return runtime.resolve_model_file(kind, name)
-        except runtime.ModelFileNotFound as e:
-            errors.append(str(e))
-    raise runtime.ModelFileNotFound(" ".join(errors))
-
-
 class QwenImageControlNetLoader:
     CATEGORY = "Qwen-Image/loaders"
     RETURN_TYPES = (CONTROLNET_TYPE,)
@@ -115,7 +97,7 @@ class QwenImageControlNetLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "controlnet_name": (_choices(), {"tooltip": "File in models/controlnet or models/model_patches."}),
+                "controlnet_name": (runtime.file_choices(*FOLDER_KINDS, gguf=False), {"tooltip": "File in models/controlnet or models/model_patches."}),
             },
             "optional": {
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "'default' keeps the file's format (bf16, fp16 or fp8)."}),
@@ -123,7 +105,7 @@ class QwenImageControlNetLoader:
         }
 
     def load(self, controlnet_name, weight_dtype="default"):
-        path = _resolve(controlnet_name)
+        path = runtime.resolve_choice(controlnet_name, *FOLDER_KINDS, what="ControlNet")
         module = load_controlnet(path, weight_dtype=weight_dtype, device=runtime.offload_device(),
                                  compute_dtype=runtime.compute_dtype(runtime.compute_device()))
         return (ControlNet(module=module, name=Path(controlnet_name).name),)

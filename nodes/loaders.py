@@ -15,24 +15,6 @@ WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn")
 _NONE = "none"
 
 
-def _choices(kind: str) -> list[str]:
-    files = runtime.list_model_files(kind)
-    return files if files else [f"(no files in models/{runtime.FOLDERS[kind][0]})"]
-
-
-def _placeholder(name: str) -> bool:
-    return name.startswith("(no files in")
-
-
-def _resolve(kind: str, name: str) -> Path:
-    if _placeholder(name):
-        raise FileNotFoundError(
-            f"No model file selected: put one in ComfyUI/models/{runtime.FOLDERS[kind][0]} "
-            "(see the pack's README for which file goes where), then refresh the page."
-        )
-    return runtime.resolve_model_file(kind, name)
-
-
 def _free_before_load() -> None:
     gc.collect()
     runtime.soft_empty_cache()
@@ -54,7 +36,7 @@ class QwenImageDiTLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": (_choices("diffusion_models"), {"tooltip": "File in models/diffusion_models (or unet)."}),
+                "model_name": (runtime.file_choices("diffusion_models"), {"tooltip": "File in models/diffusion_models (or unet)."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How weights are kept in memory. 'default' keeps the file's format; fp8_e4m3fn halves a bf16 file's memory (per-tensor scaled)."}),
             },
             "optional": {
@@ -64,7 +46,7 @@ class QwenImageDiTLoader:
         }
 
     def load(self, model_name, weight_dtype="default", variant="auto", unique_id=None):
-        path = _resolve("diffusion_models", model_name)
+        path = runtime.resolve_choice(model_name, "diffusion_models")
         if variant == "auto":
             variant = variant_from_name(Path(model_name).name)
         _free_before_load()
@@ -119,13 +101,14 @@ class QwenImageTextEncoderLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        files = runtime.file_choices("text_encoders")  # one walk of the folders for both combos
         return {
             "required": {
-                "text_encoder_name": (_choices("text_encoders"), {"tooltip": "File in models/text_encoders (or clip)."}),
+                "text_encoder_name": (files, {"tooltip": "File in models/text_encoders (or clip)."}),
             },
             "optional": {
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default"}),
-                "mmproj_name": ([_NONE] + [f for f in runtime.list_model_files("text_encoders") if f.lower().endswith(".gguf")], {"default": _NONE, "tooltip": "GGUF text encoders keep the vision tower in a separate mmproj file (needed for edit)."}),
+                "mmproj_name": ([_NONE] + [f for f in files if f.lower().endswith(".gguf")], {"default": _NONE, "tooltip": "GGUF text encoders keep the vision tower in a separate mmproj file (needed for edit)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -133,7 +116,7 @@ class QwenImageTextEncoderLoader:
     def load(self, text_encoder_name, weight_dtype="default", mmproj_name=_NONE, unique_id=None):
         from ..model_defs import tokenizer as tok
 
-        path = _resolve("text_encoders", text_encoder_name)
+        path = runtime.resolve_choice(text_encoder_name, "text_encoders")
         mmproj = None
         if mmproj_name not in (None, "", _NONE):
             mmproj = runtime.resolve_model_file("text_encoders", mmproj_name)
@@ -183,10 +166,10 @@ class QwenImageVAELoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae_name": (_choices("vae"), {"tooltip": "File in models/vae."})}, "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": {"vae_name": (runtime.file_choices("vae"), {"tooltip": "File in models/vae."})}, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def load(self, vae_name, unique_id=None):
-        path = _resolve("vae", vae_name)
+        path = runtime.resolve_choice(vae_name, "vae")
         device = runtime.compute_device()
         # The VAE is small; fp32 on the CPU, the GPU's compute dtype otherwise (bf16 keeps it exact enough).
         dtype = torch.float32 if device.type == "cpu" else runtime.compute_dtype(device)

@@ -9,11 +9,6 @@ from . import runtime
 from .handles import MODEL_TYPE
 
 
-def _lora_choices() -> list[str]:
-    files = runtime.list_model_files("loras", gguf=False)
-    return files if files else ["(no files in models/loras)"]
-
-
 # module -> {path: (mtime, LoraWeights)}: re-parsing a 1.7 GB Lightning LoRA for every strength
 # change would be wasteful, and the entry goes away with the model.
 _PARSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -47,15 +42,13 @@ class QwenImageLoraLoader:
         return {
             "required": {
                 "model": (MODEL_TYPE,),
-                "lora_name": (_lora_choices(), {"tooltip": "File in models/loras."}),
+                "lora_name": (runtime.file_choices("loras", gguf=False), {"tooltip": "File in models/loras."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
             }
         }
 
     def apply(self, model, lora_name, strength):
-        if lora_name.startswith("(no files in"):
-            raise FileNotFoundError("No LoRA selected: put one in ComfyUI/models/loras, then refresh the page.")
-        path = runtime.resolve_model_file("loras", lora_name)
+        path = runtime.resolve_choice(lora_name, "loras", what="LoRA")
         weights = parsed_lora(path, model.module)
         runtime.log.info("LoRA %s", lora.lora_summary(weights))
         if strength == 0:

@@ -126,6 +126,36 @@ def resolve_model_file(kind: str, name: str) -> Path:
     raise ModelFileNotFound(f"{name!r} was not found in the {FOLDERS[kind][0]} folder. Looked in: {where}.")
 
 
+_EMPTY_CHOICE = "(no files in {})"
+
+
+def _folder_names(kinds) -> str:
+    return " or ".join(f"models/{FOLDERS[k][0]}" for k in kinds)
+
+
+def file_choices(*kinds: str, gguf: bool = True) -> list[str]:
+    """A loader's combo: the files of ``kinds`` (first folder first), or one placeholder that
+    tells the user where files go, since an empty combo gives them nothing to read."""
+    files = iter_unique(f for kind in kinds for f in list_model_files(kind, gguf=gguf))
+    return files or [_EMPTY_CHOICE.format(_folder_names(kinds))]
+
+
+def resolve_choice(name: str, *kinds: str, what: str = "model file") -> Path:
+    """The path of a combo choice from :func:`file_choices`; the placeholder becomes a clear error."""
+    if name.startswith(_EMPTY_CHOICE.format("")[:-1]):
+        raise FileNotFoundError(
+            f"No {what} selected: put one in ComfyUI/{_folder_names(kinds)} "
+            "(see the pack's README for which file goes where), then refresh the page."
+        )
+    errors = []
+    for kind in kinds:
+        try:
+            return resolve_model_file(kind, name)
+        except ModelFileNotFound as err:
+            errors.append(str(err))
+    raise ModelFileNotFound(" ".join(errors))
+
+
 def tokenizer_search_dirs() -> list[Path]:
     """Where a tokenizer may live before we look next to the text-encoder file."""
     dirs: list[Path] = []
