@@ -36,7 +36,7 @@ class QwenImageTextEncode:
 
     def encode(self, text_encoder, prompt):
         device = runtime.compute_device()
-        with placement.on_device(text_encoder.module, device), torch.inference_mode():
+        with placement.on_device(text_encoder.module, device, stream_blocks="layers"), torch.inference_mode():
             embeds = te.encode_text(text_encoder.module, text_encoder.tokenizer, prompt, kind="t2i", device=device)
         return (make_conditioning(embeds.float().cpu()),)
 

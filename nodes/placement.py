@@ -1,11 +1,21 @@
 """Putting our modules on the GPU only while they work, and streaming when they cannot fit.
 
-Our models are not ComfyUI ModelPatchers, so we keep a small LRU of what we placed on the
-compute device and ask ComfyUI to evict its own models before placing a large one.
+A module placed on the GPU stays there after its node finishes (the next run reuses it) until
+memory is needed. Both sides can then take it back:
+
+- we evict our own least-recently-used modules, after asking ComfyUI to free its models;
+- inside ComfyUI each resident module is also listed in ComfyUI's own table of loaded models
+  (``_Resident`` offers what its ``free_memory`` uses), so a core node that needs VRAM, or the
+  "Unload models" button, moves ours to system memory exactly as it does its own.
+
+A module is never evicted while a node is using it (``_Resident.busy``), and residency is held
+by weak reference: when the graph drops a model (another file chosen in a loader), its VRAM is
+freed with it instead of waiting for memory pressure.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -15,9 +25,106 @@ from ..model_defs.streaming import BlockStreamer, blocks_that_fit
 from ..model_defs.weights import dequant_cuda
 from . import runtime
 
-# id(module) -> module, most recently used last
-_RESIDENT: "OrderedDict[int, torch.nn.Module]" = OrderedDict()
 _HEADROOM = 1.5 * (1 << 30)  # activations and the allocator's slack
+
+
+class _Resident:
+    """One of our modules sitting on a compute device.
+
+    Besides our own bookkeeping it is the entry ComfyUI's model management sees in its list of
+    loaded models: the members below are the part of ComfyUI's ``LoadedModel`` that its
+    ``free_memory`` / ``cleanup_models`` / ``load_models_gpu`` read. ``currently_used`` is
+    always False so ComfyUI never tries to reload ours as one of its ModelPatchers.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        key = id(module)
+        self.real_model = weakref.ref(module, lambda _ref: _forget(key))
+        self.device = device
+        self.size = module_bytes(module)
+        self.busy = 0
+
+    # -- ComfyUI's LoadedModel protocol
+    @property
+    def model(self) -> "_PatcherView":
+        return _PatcherView(self)
+
+    @property
+    def currently_used(self) -> bool:
+        return False
+
+    @currently_used.setter
+    def currently_used(self, _value) -> None:
+        pass
+
+    def is_dead(self) -> bool:
+        return False
+
+    def model_memory(self) -> int:
+        return self.size
+
+    def model_loaded_memory(self) -> int:
+        return self.size
+
+    def model_offloaded_memory(self) -> int:
+        return 0
+
+    def model_memory_required(self, device) -> int:
+        return 0 if device == self.device else self.size
+
+    def model_use_more_vram(self, extra_memory, force_patch_weights=False) -> int:
+        return 0
+
+    def model_unload(self, memory_to_free=None, unpatch_weights=True) -> bool:
+        """Called by ComfyUI when it needs the memory; True when the module left the device
+        (ComfyUI then drops this entry from its list itself)."""
+        if self.busy:
+            return False
+        module = self.real_model()
+        if module is not None:
+            _RESIDENT.pop(id(module), None)
+            _move(module, runtime.offload_device())
+        return True
+
+
+class _PatcherView:
+    """What ComfyUI reads through ``LoadedModel.model`` (a ModelPatcher there)."""
+
+    def __init__(self, entry: _Resident):
+        self.model = entry.real_model()  # ComfyUI logs ``.model.model.__class__.__name__``
+        self.load_device = entry.device
+        self.offload_device = runtime.offload_device()
+        self.parent = None
+        self._size = entry.size
+
+    def is_clone(self, other) -> bool:
+        return False
+
+    def model_size(self) -> int:
+        return self._size
+
+    def loaded_size(self) -> int:
+        return self._size
+
+    def current_loaded_device(self):
+        return self.load_device
+
+    def model_patches_models(self) -> list:
+        return []
+
+
+# id(module) -> its entry, most recently used last
+_RESIDENT: "OrderedDict[int, _Resident]" = OrderedDict()
+
+
+def _forget(key: int) -> None:
+    entry = _RESIDENT.pop(key, None)
+    if entry is not None:
+        runtime.host_forget_model(entry)
+
+
+def _move(module: torch.nn.Module, device: torch.device) -> None:
+    module.to(device)
 
 
 def _module_device(module: torch.nn.Module) -> torch.device | None:
@@ -36,16 +143,44 @@ def _canonical(device) -> torch.device:
     return device
 
 
-def _evict_for(bytes_needed: int, device: torch.device, keep: torch.nn.Module) -> None:
-    for key in list(_RESIDENT):
+def _evict_for(bytes_needed: int, device: torch.device) -> None:
+    """Move our least recently used idle modules on ``device`` off it until ``bytes_needed`` is free."""
+    for key, entry in list(_RESIDENT.items()):
         if runtime.free_device_memory(device) >= bytes_needed:
             return
-        m = _RESIDENT[key]
-        if m is keep:
+        if entry.busy or entry.device != device:
             continue
-        m.to(runtime.offload_device())
+        module = entry.real_model()
         del _RESIDENT[key]
+        runtime.host_forget_model(entry)
+        if module is not None:
+            _move(module, runtime.offload_device())
         runtime.soft_empty_cache()
+
+
+def _register(module: torch.nn.Module, device: torch.device) -> _Resident:
+    entry = _RESIDENT.get(id(module))
+    if entry is None or entry.real_model() is not module or entry.device != device:
+        if entry is not None:
+            runtime.host_forget_model(entry)
+        entry = _Resident(module, device)
+        _RESIDENT[id(module)] = entry
+        runtime.host_track_model(entry)
+    _RESIDENT.move_to_end(id(module))
+    return entry
+
+
+@contextlib.contextmanager
+def _using(module: torch.nn.Module, device: torch.device):
+    """The body runs with ``module`` resident on ``device`` and safe from eviction."""
+    entry = _register(module, device) if device.type != "cpu" else None
+    if entry is not None:
+        entry.busy += 1
+    try:
+        yield "resident"
+    finally:
+        if entry is not None:
+            entry.busy -= 1
 
 
 @contextlib.contextmanager
@@ -62,24 +197,30 @@ def on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str 
         # (idempotent; no-op when torch.compile cannot work, or QWENIMAGE_FUSED_DEQUANT=0).
         dequant_cuda.enable()
     if device.type == "cpu" or _module_device(module) == device:
-        _touch(module)
-        yield "resident"
+        with _using(module, device) as how:
+            yield how
         return
     size = module_bytes(module)
     need = size + _HEADROOM
     if runtime.free_device_memory(device) < need:
         runtime.request_memory(int(need), device)
-        _evict_for(int(need), device, keep=module)
+        _evict_for(int(need), device)
     if runtime.free_device_memory(device) >= need or stream_blocks is None:
-        module.to(device)
-        _touch(module)
-        yield "resident"
+        _move(module, device)
+        with _using(module, device) as how:
+            yield how
         return
+    with _streamed(module, device, stream_blocks, size) as how:
+        yield how
+
+
+@contextlib.contextmanager
+def _streamed(module: torch.nn.Module, device: torch.device, stream_blocks: str, size: int):
     blocks = getattr(module, stream_blocks)
-    for name, child in module.named_children():
+    for child in module.children():
         if child is not blocks:
             child.to(device)
-    for name, p in module.named_parameters(recurse=False):
+    for p in module.parameters(recurse=False):
         p.data = p.data.to(device)
     runtime.warn(
         f"the model ({size / 2**30:.1f} GiB) does not fit in free GPU memory; streaming its blocks "
@@ -92,19 +233,12 @@ def on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str 
             yield "streamed"
     finally:
         # Leave the module whole on one device, so the next run decides afresh.
-        module.to(runtime.offload_device())
+        _move(module, runtime.offload_device())
         runtime.soft_empty_cache()
-
-
-def _touch(module: torch.nn.Module) -> None:
-    where = _module_device(module)
-    if where is not None and where.type != "cpu":
-        _RESIDENT[id(module)] = module
-        _RESIDENT.move_to_end(id(module))
 
 
 def release(module: torch.nn.Module) -> None:
     """Move ``module`` back to the offload device (used before loading something big)."""
-    module.to(runtime.offload_device())
-    _RESIDENT.pop(id(module), None)
+    _forget(id(module))
+    _move(module, runtime.offload_device())
     runtime.soft_empty_cache()

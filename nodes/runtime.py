@@ -209,6 +209,28 @@ def request_memory(bytes_needed: int, device: torch.device) -> None:
         _mm.free_memory(bytes_needed, device)
 
 
+def _host_models() -> list | None:
+    """ComfyUI's list of models on its devices, the one its ``free_memory`` evicts from."""
+    return getattr(_mm, "current_loaded_models", None) if IN_COMFYUI else None
+
+
+def host_track_model(entry) -> None:
+    """List one of our resident modules (a ``placement._Resident``) with ComfyUI's models."""
+    models = _host_models()
+    if models is not None and not any(m is entry for m in models):
+        models.insert(0, entry)
+
+
+def host_forget_model(entry) -> None:
+    models = _host_models()
+    if models is None:
+        return
+    for i, m in enumerate(models):
+        if m is entry:  # by identity: ComfyUI's LoadedModel.__eq__ would compare the wrapped models
+            del models[i]
+            return
+
+
 def soft_empty_cache() -> None:
     if IN_COMFYUI:
         _mm.soft_empty_cache()
