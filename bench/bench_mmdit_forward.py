@@ -7,6 +7,7 @@ so their outputs are compared too. Only one model's weights are on the device at
     python bench/bench_mmdit_forward.py                     # full 60-layer model, bf16, CUDA
     python bench/bench_mmdit_forward.py --quick             # 1024^2, batch 1 only
     python bench/bench_mmdit_forward.py --comfy-path ~/ComfyUI --models ours,comfy
+    python bench/bench_mmdit_forward.py --models ours --compile   # adds ours with torch.compile'd blocks
     # logic check on a CPU, tiny model:
     python bench/bench_mmdit_forward.py --device cpu --dtype fp32 --layers 1 --heads 2 \
         --head-dim 32 --joint-dim 64 --sizes 64,72 --text-tokens 8 --warmup 0 --iters 1
@@ -18,6 +19,7 @@ FLOP floor: per token (image and text) 2 x (QKV + out + MLP linear params) per l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import os
@@ -31,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPILED = "ours+compile"  # ours, its blocks run through torch.compile
 
 
 def import_pack():
@@ -62,12 +65,18 @@ def parse_args(argv=None):
     p.add_argument("--models", default="ours,diffusers,comfy")
     p.add_argument("--attention", default="sdpa", help="our attention backend: sdpa, flash or sage")
     p.add_argument("--comfy-path", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout to import comfy from")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours with torch.compile'd blocks (model_defs/compile.py; first call compiles)")
+    p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+                   help="inductor mode of --compile")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.quick:
         args.sizes, args.batches = args.sizes[:1], args.batches[:1]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.compile and COMPILED not in args.models:
+        args.models.append(COMPILED)
     if any(s % 16 for s in args.sizes):
         p.error("--sizes must be multiples of 16 (latent size / patch size must be whole)")
     return args
@@ -154,7 +163,7 @@ def build_comfy(cfg, device, dtype, comfy_path):
 def make_runner(name, model, mmdit, cfg):
     """fn(x, sigma, context) -> latent velocity [B, C, H, W] for each implementation."""
     p = cfg.patch_size
-    if name == "ours":
+    if name in ("ours", COMPILED):
         return lambda x, sigma, context: model(x, sigma, context)
     if name == "diffusers":
         def run(x, sigma, context):
@@ -176,6 +185,20 @@ def make_runner(name, model, mmdit, cfg):
                 five_d[0] = False
         return model(x, sigma, context)
     return run_comfy
+
+
+@contextlib.contextmanager
+def compile_context(name, model, args, notes):
+    """For the compiled row: our blocks run through torch.compile (inductor) in the body."""
+    if name != COMPILED:
+        yield
+        return
+    block_compile = importlib.import_module("qwenimage_pack.model_defs.compile")
+    settings = block_compile.CompileSettings("inductor", args.compile_mode)
+    with block_compile.compiled(model, settings):
+        yield
+    if block_compile.failure(settings):
+        notes.append(f"{COMPILED}: compiling failed ({block_compile.failure(settings)}); its times are eager")
 
 
 def sync(device):
@@ -235,12 +258,13 @@ def main(argv=None) -> dict:
     notes = []
     builders = {
         "ours": lambda: build_ours(cfg, device, dtype, mmdit),
+        COMPILED: lambda: build_ours(cfg, device, dtype, mmdit),
         "diffusers": lambda: build_diffusers(cfg, device, dtype),
         "comfy": lambda: build_comfy(cfg, device, dtype, args.comfy_path),
     }
     for name in args.models:
         if name not in builders:
-            raise SystemExit(f"unknown model {name!r}; expected ours, diffusers or comfy")
+            raise SystemExit(f"unknown model {name!r}; expected ours, diffusers, comfy or {COMPILED}")
         try:
             model = builders[name]()
         except Exception as e:  # a missing optional implementation must not stop the others
@@ -249,10 +273,15 @@ def main(argv=None) -> dict:
             continue
         run = make_runner(name, model, mmdit, cfg)
         times[name], outputs[name] = {}, {}
-        with torch.inference_mode():
+        with torch.inference_mode(), compile_context(name, model, args, notes):
             for size, batch in shapes:
                 inputs = make_inputs(cfg, size, batch, args.text_tokens, device, dtype)
                 try:
+                    if name == COMPILED:  # compiling (a new graph only for batch 1 -> 2) is not timed
+                        first = time.perf_counter()
+                        run(*inputs)
+                        sync(device)
+                        print(f"  {name} {size}^2 batch {batch}: first call {time.perf_counter() - first:.1f} s")
                     seconds, out = time_forward(run, inputs, device, args.warmup, args.iters)
                 except (torch.OutOfMemoryError, MemoryError) as e:
                     notes.append(f"{name} {size}^2 b{batch}: out of memory ({e})")
@@ -281,7 +310,7 @@ def main(argv=None) -> dict:
         t = times.get(name, {}).get(key)
         return "-" if t is None else f"{t * 1000:8.4g} ms ({t / floor:.3g}x)"
 
-    header = ["shape", "floor", "ours", "diffusers", "comfy"]
+    header = ["shape", "floor", "ours", "diffusers", "comfy"] + ([COMPILED] if COMPILED in times else [])
     rows = []
     for size, batch in shapes:
         lat = size // 8
@@ -289,7 +318,7 @@ def main(argv=None) -> dict:
         floor = flop_count(cfg, n_img, args.text_tokens, batch) / args.peak
         key = (size, batch)
         rows.append([f"{size}^2 b{batch} ({n_img} tok)", f"{floor * 1000:.4g} ms",
-                     cell("ours", key, floor), cell("diffusers", key, floor), cell("comfy", key, floor)])
+                     *(cell(name, key, floor) for name in header[2:])])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print(f"\nFLOP floor at {args.peak:.3g} FLOP/s; ratios are time / floor")
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))

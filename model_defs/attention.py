@@ -9,8 +9,9 @@ the first forward at each shape), is dropped for SDPA with one warning.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ BACKENDS = ("sdpa", "flash", "sage")
 
 _backend = "sdpa"
 _kernel: Callable | None = None  # the optional package's function, when _backend != "sdpa"
+_failed: dict[str, str] = {}  # backend -> why it was dropped; not retried in this session
 
 
 def _load_flash() -> Callable:
@@ -49,6 +51,11 @@ def set_backend(name: str) -> str:
     if name == "sdpa":
         _backend, _kernel = "sdpa", None
         return _backend
+    if name in _failed:
+        log.info("attention backend %r was dropped earlier in this session (%s); using PyTorch SDPA",
+                 name, _failed[name])
+        _backend, _kernel = "sdpa", None
+        return _backend
     _checked.clear()
     try:
         kernel = _load_flash() if name == "flash" else _load_sage()
@@ -62,6 +69,17 @@ def set_backend(name: str) -> str:
 
 def get_backend() -> str:
     return _backend
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[str]:
+    """Run the body with backend ``name`` (yields the one actually in use), then restore the
+    previous selection: a node's choice must not leak into other nodes' runs."""
+    previous = _backend
+    try:
+        yield set_backend(name)
+    finally:
+        set_backend(previous)
 
 
 def _sdpa(q, k, v, mask):
@@ -123,4 +141,5 @@ def _guard(out: torch.Tensor, q, k, v) -> torch.Tensor:
 def _fall_back(reason: str) -> None:
     global _backend, _kernel
     log.warning("%s; switching to PyTorch SDPA for the rest of this session", reason)
+    _failed[_backend] = reason
     _backend, _kernel = "sdpa", None

@@ -27,8 +27,10 @@ and falls back from then on, with one warning.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 import torch
 
@@ -66,6 +68,21 @@ def set_enabled(enabled: bool, mode: str = "auto", allow_cpu: bool = False) -> N
 
 def is_enabled() -> bool:
     return _enabled
+
+
+@contextlib.contextmanager
+def using(enabled: bool, mode: str = "auto") -> Iterator[None]:
+    """Run the body with the float8 path switched as asked, then restore the previous setting.
+    Kernel refusals learnt inside are kept (they describe the GPU, not the setting)."""
+    global _enabled, _mode
+    previous = (_enabled, _mode)
+    if mode not in MODES + ("auto",):
+        raise ValueError(f"fp8 matmul mode must be one of {', '.join(MODES)} or auto, got {mode!r}")
+    _enabled, _mode = bool(enabled), mode
+    try:
+        yield
+    finally:
+        _enabled, _mode = previous
 
 
 def device_supports(device: torch.device) -> bool:

@@ -235,10 +235,14 @@ class JointAttention(nn.Module):
             (txt, slice(0, n_txt), self.add_q_proj, self.add_k_proj, self.norm_added_q, self.norm_added_k),
             (img, slice(n_txt, None), self.to_q, self.to_k, self.norm_q, self.norm_k),
         )
+        traced = torch.compiler.is_compiling()
         for x, seg, proj_q, proj_k, norm_q, norm_k in streams:
             for proj, norm, out in ((proj_q, norm_q, q), (proj_k, norm_k, k)):
                 y = norm(_project(proj, x, s).unflatten(-1, (heads, d)), s * s)
-                rope.apply_rope(y, table[:, seg], out=out[:, seg])
+                if traced:  # torch.compile cannot write out= into a strided view (batch > 1): a graph break
+                    out[:, seg] = rope.apply_rope(y, table[:, seg])
+                else:
+                    rope.apply_rope(y, table[:, seg], out=out[:, seg])
         v = torch.cat([_project(self.add_v_proj, txt, s), _project(self.to_v, img, s)], dim=1)
         v = v.unflatten(-1, (heads, d))
 

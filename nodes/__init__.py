@@ -10,6 +10,8 @@ FAMILIES = (
     "lora",
     "edit",
     "controlnet",
+    "compile",
+    "options",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

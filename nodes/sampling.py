@@ -13,6 +13,7 @@ from ..model_defs.controlnet import step_hook
 from . import controlnet as control_nodes
 from . import placement, runtime
 from .handles import MODEL_TYPE
+from .options import speed_settings
 
 SAMPLERS = ("euler",)
 
@@ -229,7 +230,8 @@ def sample(
 
     _sync_loras(model)
     with control_nodes.prepared(pos + (neg or []), h, w, device), \
-            placement.on_device(module, device, stream_blocks="transformer_blocks"), torch.inference_mode():
+            placement.on_device(module, device, stream_blocks="transformer_blocks"), torch.inference_mode(), \
+            speed_settings(model, device):
         velocity = _Guided(module, device, pos, neg, cfg, sigmas=sigmas)
         x = fm.euler_sample(
             velocity,

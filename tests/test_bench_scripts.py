@@ -154,6 +154,7 @@ def sage_backend(monkeypatch):
     yield
     attention.set_backend("sdpa")
     attention._checked.clear()
+    attention._failed.clear()
 
 
 def test_attention_guard_falls_back_on_nan(sage_backend, caplog):

@@ -1,0 +1,83 @@
+"""Speed options carried on a model handle and applied only while that model samples."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+
+import torch
+
+from ..model_defs import attention, fp8_matmul
+from ..model_defs import compile as block_compile
+from . import runtime
+from .handles import MODEL_TYPE
+
+FP8_CHOICES = ("off", "auto", "row", "tensor")
+
+
+def with_speed_options(model, attention_backend: str, fp8: str):
+    if attention_backend not in attention.BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(attention.BACKENDS)}, got {attention_backend!r}")
+    if fp8 not in FP8_CHOICES:
+        raise ValueError(f"fp8_matmul must be one of {', '.join(FP8_CHOICES)}, got {fp8!r}")
+    if fp8 != "off" and "fp8" not in model.weight_format.lower():
+        runtime.warn(f"fp8_matmul only changes float8 weights; {model.name} is {model.weight_format}, so it has no effect")
+    # A new dict: handles are shared between downstream nodes and must never change.
+    return replace(model, options={**model.options, "attention": attention_backend, "fp8_matmul": fp8})
+
+
+@contextlib.contextmanager
+def speed_settings(model, device: torch.device):
+    """The handle's speed options (this node's, and the Torch Compile node's) in force for the
+    body; settings it does not carry (and the QWENIMAGE_FP8_MATMUL environment switch) stay as
+    they are."""
+    opts = model.options
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(block_compile.compiled(model.module, opts.get("compile")))
+        if "attention" in opts:
+            stack.enter_context(attention.using(opts["attention"]))
+        fp8 = opts.get("fp8_matmul")
+        if fp8 is not None:
+            on = fp8 != "off"
+            if on and not fp8_matmul.device_supports(device):
+                runtime.warn(f"fp8_matmul needs float8 tensor cores (RTX 40xx, H100 or newer); {device} has none, "
+                             "so the float8 weights are expanded to bf16 as usual")
+            stack.enter_context(fp8_matmul.using(on, "auto" if fp8 == "off" else fp8))
+        yield
+
+
+class QwenImageSpeedOptions:
+    CATEGORY = "Qwen-Image/model"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = (
+        "Faster kernels for this model's sampling. The defaults (PyTorch SDPA, exact fp8 expansion) are the safe "
+        "ones; the options apply only to samplers fed from this node."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE,),
+                "attention": (list(attention.BACKENDS), {
+                    "default": "sdpa",
+                    "tooltip": "sdpa: PyTorch's built-in attention (safe everywhere). flash / sage: FlashAttention or "
+                               "SageAttention when installed; a kernel that fails or returns NaN (black images) is "
+                               "dropped for sdpa with a warning.",
+                }),
+                "fp8_matmul": (list(FP8_CHOICES), {
+                    "default": "off",
+                    "tooltip": "For fp8 checkpoints on RTX 40xx / H100: run the matmuls in float8 with per-token "
+                               "scales (faster, close to bf16). off: expand the weights to bf16 (exact). row / "
+                               "tensor force the activation scaling; auto picks row where the GPU allows it.",
+                }),
+            }
+        }
+
+    def apply(self, model, attention, fp8_matmul):  # noqa: A002 - names match the widgets
+        return (with_speed_options(model, attention, fp8_matmul),)
+
+
+NODE_CLASS_MAPPINGS = {"QwenImageSpeedOptions": QwenImageSpeedOptions}
+NODE_DISPLAY_NAME_MAPPINGS = {"QwenImageSpeedOptions": "Qwen-Image Speed Options"}
