@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..model_defs import host_memory
 from ..model_defs import latent_format as lf
 from ..model_defs.controlnet import DIFFSYNTH, INSTANTX, AppliedControl
 from ..model_defs.offload import module_bytes
@@ -331,7 +332,7 @@ def prepared(conds, height: int, width: int, device: torch.device):
         yield controls
     finally:
         for net in moved:
-            net.to(runtime.offload_device())
+            host_memory.move(net, runtime.offload_device())  # file-read weights: back to the mapping
         if moved:
             runtime.soft_empty_cache()
 

@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..model_defs import host_memory
 from ..model_defs.offload import module_bytes
 from ..model_defs.streaming import BlockStreamer, blocks_that_fit
 from ..model_defs.weights import dequant_cuda
@@ -124,7 +125,7 @@ def _forget(key: int) -> None:
 
 
 def _move(module: torch.nn.Module, device: torch.device) -> None:
-    module.to(device)
+    host_memory.move(module, device)  # weights read from a file go back to its mapping, uncopied
 
 
 def _module_device(module: torch.nn.Module) -> torch.device | None:

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from .. import host_memory
 from .detect import EXPECTED, Detected, detect, mismatch_message
 from .errors import WeightFileError
 from .keys_mmdit import (
@@ -268,14 +269,19 @@ def _check_plan(model: nn.Module, plan: _Plan, shapes: dict, path: Path, what: s
                               "one key layout per file")
 
 
-def _assign(model: nn.Module, target: str, value, scale: torch.Tensor | None) -> None:
+def _assign(model: nn.Module, target: str, value, scale: torch.Tensor | None, from_file: bool = False) -> None:
+    """``from_file``: ``value`` is the file's own memory (not converted), see host_memory."""
     mod_name, _, attr = target.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
     if isinstance(value, QuantizedTensor):
         mod.set_quantized(value.blocks, value.qtype, value.shape)
+        if from_file:
+            host_memory.keep_file_view(mod, "weight")
         return
     if attr in mod._parameters:
         mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        if from_file:
+            host_memory.keep_file_view(mod, attr)
     else:
         mod._buffers[attr] = value
     if isinstance(mod, (Linear, Embedding)) and attr == "weight":
@@ -299,6 +305,7 @@ def _stream(model: nn.Module, source, plan: _Plan, policy: _Policy, path: Path) 
         compact = target is not None and _is_compact(model, target)
         if isinstance(raw, QuantizedTensor):
             value, scale = _gguf_value(raw, compact, policy)
+            from_file = isinstance(value, QuantizedTensor) and value.blocks.data_ptr() == raw.blocks.data_ptr()
         else:
             declared = plan.formats.get(key)
             if declared is not None and raw.dtype == torch.uint8:
@@ -310,11 +317,12 @@ def _stream(model: nn.Module, source, plan: _Plan, policy: _Policy, path: Path) 
                 raise WeightFileError(source[key].file if isinstance(source, WeightSource) else path,
                                       f"has an unusable tensor '{key}': {e}.",
                                       "finite weights (the file may be damaged)") from None
+            from_file = value.device.type == "cpu" and value.data_ptr() == raw.data_ptr()
         del raw
         if target is None:
             vision[plan.vision[key]] = value
         else:
-            _assign(model, target, value, scale)
+            _assign(model, target, value, scale, from_file)
     return vision
 
 

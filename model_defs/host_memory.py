@@ -1,0 +1,50 @@
+"""Where a model's weights go when they leave the GPU.
+
+A weight read unchanged from a safetensors or GGUF file is a view of the file's memory mapping:
+it lives in the operating system's page cache, costs the process no memory of its own, and
+can be dropped under memory pressure and read again on demand. Moving such a model to the GPU
+and back with ``module.to`` would leave a fresh copy in process memory instead (20 GB for an
+fp8 MMDiT, each time it is evicted), which is how 32 GB machines run out of RAM. The loader
+keeps each such parameter's file view (``keep_file_view``), and ``move`` hands it back rather
+than copying: taking a model off the GPU is then free, and RAM is as it was before the model
+first ran. Weights never change after loading (LoRAs are added in the forward pass), so the
+file view always holds the current values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+_VIEWS = "_qwenimage_file_views"  # on a module: parameter name -> that parameter's file view
+
+
+def keep_file_view(module: nn.Module, name: str) -> None:
+    """Remember that ``module``'s parameter ``name`` currently holds its file's own memory.
+
+    Kept on the module, by name: ``Module.to`` may replace Parameter objects (it does when the
+    tensor types differ, or under torch's overwrite-on-conversion switch)."""
+    p = module._parameters.get(name)
+    if p is not None and p.device.type == "cpu":
+        module.__dict__.setdefault(_VIEWS, {})[name] = p.data
+
+
+def file_view(module: nn.Module, name: str) -> torch.Tensor | None:
+    return module.__dict__.get(_VIEWS, {}).get(name)
+
+
+def move(module: nn.Module, device) -> None:
+    """``module.to(device)``; to the CPU, parameters with a file view return to it uncopied.
+
+    A pinned CPU copy (made by the block streamer for fast uploads, and reused by its next run)
+    is left alone."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        for mod in module.modules():
+            for name, view in mod.__dict__.get(_VIEWS, {}).items():
+                p = mod._parameters.get(name)
+                if p is None or p.shape != view.shape or p.dtype != view.dtype or p.data_ptr() == view.data_ptr():
+                    continue
+                if p.device.type == "cpu" and p.is_pinned():
+                    continue
+                p.data = view
+    module.to(device)
