@@ -27,6 +27,8 @@ from .weights.linear import Linear
 
 FP16_MAX = 65504.0
 _DENSE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch.compile (model_defs/compile.py) is only offered where torch has it; older torch: never tracing.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 # A ControlNet hook: called after block i with the image tokens (target first, then references),
 # returns the new image tokens. See QwenImageMMDiT.forward.
@@ -235,7 +237,7 @@ class JointAttention(nn.Module):
             (txt, slice(0, n_txt), self.add_q_proj, self.add_k_proj, self.norm_added_q, self.norm_added_k),
             (img, slice(n_txt, None), self.to_q, self.to_k, self.norm_q, self.norm_k),
         )
-        traced = torch.compiler.is_compiling()
+        traced = _is_compiling()
         for x, seg, proj_q, proj_k, norm_q, norm_k in streams:
             for proj, norm, out in ((proj_q, norm_q, q), (proj_k, norm_k, k)):
                 y = norm(_project(proj, x, s).unflatten(-1, (heads, d)), s * s)
