@@ -94,6 +94,29 @@ def test_there_are_workflows():
     assert {p.name for p in WORKFLOWS} == {p.name for p in API_WORKFLOWS}, "every UI workflow needs an API twin"
 
 
+def test_bypassed_nodes_are_left_out_of_the_api_twins():
+    """Optional nodes ship bypassed (UI mode 4); the API twin runs the graph as the frontend
+    would queue it: without them, their consumers fed by what fed them."""
+    seen = 0
+    for path in WORKFLOWS:
+        ui = json.loads(path.read_text(encoding="utf-8"))
+        api = json.loads((ROOT / "workflows" / "api" / path.name).read_text(encoding="utf-8"))
+        nodes = {n["id"]: n for n in ui["nodes"]}
+        bypassed = {i for i, n in nodes.items() if n["mode"] == 4}
+        assert not bypassed & {int(k) for k in api}, path.name
+        links = {link[0]: link for link in ui["links"]}
+        for node in ui["nodes"]:
+            if node["id"] in bypassed:
+                continue
+            for inp in node["inputs"]:
+                src, slot = links[inp["link"]][1:3]
+                while src in bypassed:  # follow the chain back to a working node
+                    src, slot = next(links[i["link"]][1:3] for i in nodes[src]["inputs"] if i["type"] == inp["type"])
+                    seen += 1
+                assert api[str(node["id"])]["inputs"][inp["name"]] == [str(src), slot], (path.name, node["id"], inp["name"])
+    assert seen, "no bundled workflow has an optional (bypassed) node"
+
+
 def test_generated_files_are_current():
     result = subprocess.run([sys.executable, str(ROOT / "workflows" / "build.py"), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, f"run `python workflows/build.py`: {result.stdout}{result.stderr}"

@@ -33,6 +33,8 @@ OUTPUTS = {
     "QwenImageSampler": [("LATENT", "LATENT")],
     "QwenImageVAEDecode": [("IMAGE", "IMAGE")],
     "QwenImageVAEEncode": [("LATENT", "LATENT")],
+    "QwenImageSpeedOptions": [("model", "QWENIMAGE_MODEL")],
+    "QwenImageTorchCompile": [("model", "QWENIMAGE_MODEL")],
     "SaveImage": [],
     "MarkdownNote": [],
 }
@@ -48,6 +50,7 @@ class Node:
     size: tuple = (320, 120)
     title: str | None = None
     models: list = field(default_factory=list)
+    bypassed: bool = False  # shipped switched off (UI mode 4): the user turns it on with Ctrl+B
 
 
 def _models_property(names):
@@ -77,7 +80,7 @@ def ui_workflow(nodes: list[Node]) -> dict:
             props["models"] = _models_property(n.models)
         node = {
             "id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
-            "order": order, "mode": 0, "inputs": inputs, "outputs": outputs, "properties": props,
+            "order": order, "mode": 4 if n.bypassed else 0, "inputs": inputs, "outputs": outputs, "properties": props,
             "widgets_values": list(n.widgets.values()),
         }
         if n.title:
@@ -97,13 +100,23 @@ def ui_workflow(nodes: list[Node]) -> dict:
     }
 
 
+def _through_bypassed(by_id: dict, src: int, slot: int, typ: str) -> tuple[int, int]:
+    """Where a link really comes from: a bypassed node passes on its first input of the link's
+    type, as ComfyUI's frontend does when it turns the graph into a prompt."""
+    while by_id[src].bypassed:
+        src, slot = next((s, sl) for s, sl, t in by_id[src].inputs.values() if t == typ)
+    return src, slot
+
+
 def api_workflow(nodes: list[Node]) -> dict:
     prompt = {}
+    by_id = {n.id: n for n in nodes}
     for n in nodes:
-        if n.type in ("MarkdownNote", "Note"):
+        if n.type in ("MarkdownNote", "Note") or n.bypassed:
             continue
         inputs = {k: v for k, v in n.widgets.items() if not k.startswith("$")}
-        for name, (src, slot, _typ) in n.inputs.items():
+        for name, (src, slot, typ) in n.inputs.items():
+            src, slot = _through_bypassed(by_id, src, slot, typ)
             inputs[name] = [str(src), slot]
         prompt[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
     return prompt

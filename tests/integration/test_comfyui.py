@@ -6,11 +6,14 @@ queue of two prompts.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -203,6 +206,29 @@ def test_two_queued_prompts_both_finish(server):
     assert all(_succeeded(e) for e in entries), [e.get("status") for e in entries]
     names = [img["filename"] for e in entries for img in _images(e)]
     assert len(names) == 2 and len(set(names)) == 2, names
+
+
+def test_the_optional_speed_nodes_run_when_switched_on(server):
+    """The t2i workflow's bypassed Speed Options and Torch Compile nodes, switched on (the eager
+    backend: no compiler needed on this CPU), give the same image as the plain graph."""
+    from PIL import Image
+
+    _idle(server)
+    plain = _wait(server, _queue(server, _t2i_prompt(server, seed=21)))
+    fast = _t2i_prompt(server, seed=21)
+    fast["11"] = {"class_type": "QwenImageSpeedOptions", "inputs": {"model": ["1", 0], "attention": "sdpa",
+                                                                     "fp8_matmul": "off"}}
+    fast["12"] = {"class_type": "QwenImageTorchCompile", "inputs": {"model": ["11", 0], "backend": "eager",
+                                                                     "mode": "default"}}
+    fast["7"]["inputs"]["model"] = ["12", 0]
+    fast["9"]["inputs"]["filename_prefix"] = "speed-nodes"
+    entry = _wait(server, _queue(server, fast))
+    assert _succeeded(plain) and _succeeded(entry), (entry.get("status"), server.log_tail())
+    pixels = []
+    for e in (plain, entry):
+        with urllib.request.urlopen(server.url + "/view?" + urllib.parse.urlencode(_images(e)[0]), timeout=30) as r:
+            pixels.append(Image.open(io.BytesIO(r.read())).convert("RGB").tobytes())
+    assert pixels[0] == pixels[1]
 
 
 def test_template_browser_lists_every_ui_workflow(server):

@@ -1,6 +1,6 @@
 """Lightning: the 8-step LoRA at cfg 1 with the constant shift of 3 it was distilled with."""
 from build import Node
-from t2i import T2I_PROMPT
+from t2i import T2I_PROMPT, speed_nodes
 
 LIGHTNING = "Qwen-Image-Lightning-8steps-V1.0.safetensors"
 MODELS = {
@@ -17,6 +17,9 @@ Same files as the text-to-image workflow, plus the LoRA in **models/loras**:
 
 Lightning settings: **cfg 1** (one model pass per step, no negative prompt needed), **shift_mode constant,
 shift 3**, 8 steps (4 with the 4-step LoRA). Changing the LoRA strength does not reload the model.
+
+**Faster** (optional): *Speed Options* (fp8_matmul on RTX 40xx / H100) and *Torch Compile* below the loaders are
+bypassed; select one and press Ctrl+B to turn it on.
 """
 
 
@@ -35,12 +38,12 @@ def lightning() -> list[Node]:
         Node(7, "QwenImageSampler",
              {"seed": 42, "$control_after_generate": "randomize", "steps": 8, "cfg": 1.0, "shift_mode": "constant", "shift": 3.0,
               "sampler_name": "euler", "denoise": 1.0},
-             inputs={"model": (11, 0, "QWENIMAGE_MODEL"), "positive": (4, 0, "CONDITIONING"), "latent_image": (6, 0, "LATENT")},
+             inputs={"model": (13, 0, "QWENIMAGE_MODEL"), "positive": (4, 0, "CONDITIONING"), "latent_image": (6, 0, "LATENT")},
              pos=(840, 40), size=(320, 300)),
         Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")}, pos=(1200, 40)),
         Node(9, "SaveImage", {"filename_prefix": "qwen-image-lightning"}, inputs={"images": (8, 0, "IMAGE")}, pos=(1200, 200), size=(400, 440)),
-        Node(10, "MarkdownNote", {"text": NOTE}, pos=(-420, 40), size=(400, 300), title="Read me"),
-    ]
+        Node(10, "MarkdownNote", {"text": NOTE}, pos=(-420, 40), size=(400, 360), title="Read me"),
+    ] + speed_nodes((11, 0), "auto", pos=(20, 620), ids=(12, 13))
 
 
 WORKFLOWS = {"qwen_image_lightning_8steps": lightning}
