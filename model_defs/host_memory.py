@@ -18,14 +18,17 @@ import torch.nn as nn
 _VIEWS = "_qwenimage_file_views"  # on a module: parameter name -> that parameter's file view
 
 
-def keep_file_view(module: nn.Module, name: str) -> None:
-    """Remember that ``module``'s parameter ``name`` currently holds its file's own memory.
+def keep_file_view(module: nn.Module, name: str, view: torch.Tensor | None = None) -> None:
+    """Remember that ``module``'s parameter ``name`` currently holds its file's own memory
+    (or, given ``view``, that ``view`` holds the same values in host memory: benchmarks).
 
     Kept on the module, by name: ``Module.to`` may replace Parameter objects (it does when the
     tensor types differ, or under torch's overwrite-on-conversion switch)."""
     p = module._parameters.get(name)
-    if p is not None and p.device.type == "cpu":
-        module.__dict__.setdefault(_VIEWS, {})[name] = p.data
+    if view is None and p is not None and p.device.type == "cpu":
+        view = p.data
+    if view is not None:
+        module.__dict__.setdefault(_VIEWS, {})[name] = view
 
 
 def file_view(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -47,4 +50,6 @@ def move(module: nn.Module, device) -> None:
                 if p.device.type == "cpu" and p.is_pinned():
                     continue
                 p.data = view
+                if getattr(mod, "baked", None):  # LoRAs folded into the dropped copy (lora_bake) left with it
+                    mod.baked = {}
     module.to(device)

@@ -10,6 +10,7 @@ from ..model_defs import latent_format as lf
 from ..model_defs import sampling as fm
 from ..model_defs import schedule
 from ..model_defs.controlnet import step_hook
+from ..model_defs.weights import lora_bake
 from . import controlnet as control_nodes
 from . import placement, runtime
 from .handles import MODEL_TYPE
@@ -230,8 +231,10 @@ def sample(
 
     _sync_loras(model)
     with control_nodes.prepared(pos + (neg or []), h, w, device), \
-            placement.on_device(module, device, stream_blocks="transformer_blocks"), torch.inference_mode(), \
-            speed_settings(model, device):
+            placement.on_device(module, device, stream_blocks="transformer_blocks") as placed, \
+            torch.inference_mode(), speed_settings(model, device):
+        if placed == "resident" and model.loras:
+            lora_bake.fold(module)  # dense GPU weights take the LoRA once instead of every step
         velocity = _Guided(module, device, pos, neg, cfg, sigmas=sigmas)
         x = fm.euler_sample(
             velocity,

@@ -106,6 +106,8 @@ class Linear(_CompactWeight, nn.Linear):
         self._init_compact()
         # name -> patch; a patch is called as patch(x, y) and returns the new y.
         self.patches: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+        # name -> patch already folded into the weight (lora_bake): skipped in forward.
+        self.baked: dict[str, Callable] = {}
 
     def add_patch(self, name: str, patch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         self.patches[name] = patch
@@ -124,8 +126,9 @@ class Linear(_CompactWeight, nn.Linear):
             if b is not None and (b.dtype != x.dtype or b.device != x.device):
                 b = b.to(device=x.device, dtype=x.dtype)
             y = F.linear(x, w, b)
-        for patch in self.patches.values():
-            y = patch(x, y)
+        for name, patch in self.patches.items():
+            if self.baked.get(name) is not patch:
+                y = patch(x, y)
         return y
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import lora_bake
 from .errors import WeightFileError
 from .lora_keys import (
     FORMAT_NAMES,
@@ -513,13 +514,18 @@ def apply_loras(module: nn.Module, applications) -> None:
         if patches is None:
             continue
         want = wanted.get(name, {})
-        for stale in [p for p in patches if p.startswith(PATCH_PREFIX) and p not in want]:
-            lin.remove_patch(stale)
+        stale = [p for p in patches if p.startswith(PATCH_PREFIX) and p not in want]
+        fresh = {}
         for patch_name, (layer, strength) in want.items():
             current = patches.get(patch_name)
-            if isinstance(current, LoraPatch) and current.layer is layer and current.strength == strength:
-                continue
-            lin.add_patch(patch_name, LoraPatch(layer, strength))
+            if not (isinstance(current, LoraPatch) and current.layer is layer and current.strength == strength):
+                fresh[patch_name] = LoraPatch(layer, strength)
+        if (stale or fresh) and getattr(lin, "baked", None):
+            lora_bake.restore(lin)  # the weight must not keep a delta its patches no longer describe
+        for patch_name in stale:
+            lin.remove_patch(patch_name)
+        for patch_name, patch in fresh.items():
+            lin.add_patch(patch_name, patch)
 
 
 def lora_summary(weights: LoraWeights) -> str:
