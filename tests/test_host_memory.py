@@ -4,7 +4,6 @@ fresh memory stands in for its GPU copy.)"""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import save_file
 

@@ -5,7 +5,6 @@ No GPU here: each weight gets a copy in fresh memory standing in for its GPU cop
 file view it came from (as the loader leaves a weight read unchanged from a file)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -13,31 +12,12 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from test_lora import CFG, diffusers_fused, lora_factors, needs_peft, ours_from, rel_err, run, write_lora
+from test_lora import base, inputs  # noqa: F401  (the LoRA tests' tiny model and inputs, as fixtures)
+from test_lora import diffusers_fused, lora_factors, needs_peft, ours_from, rel_err, run, write_lora
 from qwenimage_pack.model_defs import host_memory
 from qwenimage_pack.model_defs.weights import lora_bake
 from qwenimage_pack.model_defs.weights.linear import Linear
 from qwenimage_pack.model_defs.weights.lora import apply_loras, load_lora_file, parse_lora
-
-
-@pytest.fixture(scope="module")
-def base():
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(0)
-    return QwenImageTransformer2DModel(**CFG).eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    g = torch.Generator().manual_seed(1)
-    return dict(
-        hidden_states=torch.randn(1, 16, 64, generator=g),
-        encoder_hidden_states=torch.randn(1, 7, 48, generator=g),
-        encoder_hidden_states_mask=torch.ones(1, 7, dtype=torch.bool),
-        timestep=torch.tensor([0.6]),
-        img_shapes=[(1, 4, 4)],
-    )
 
 
 def on_stand_in_gpu(base, tmp_path):
