@@ -49,7 +49,10 @@ def move(module: nn.Module, device) -> None:
                     continue
                 if p.device.type == "cpu" and p.is_pinned():
                     continue
-                p.data = view
+                try:
+                    p.data = view
+                except RuntimeError:  # a tensor kind .data cannot be swapped across: module.to copies it
+                    continue
                 if getattr(mod, "baked", None):  # LoRAs folded into the dropped copy (lora_bake) left with it
                     mod.baked = {}
     module.to(device)
