@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--peak", type=float, default=989e12, help="dense peak FLOP/s of the device for --dtype")
     p.add_argument("--quick", action="store_true", help="first size and first batch only")
     p.add_argument("--models", default="ours,diffusers,comfy")
-    p.add_argument("--attention", default="sdpa", help="our attention backend: sdpa, flash or sage")
+    p.add_argument("--attention", default="sdpa", help="our attention backend: sdpa, cudnn, flash or sage")
     p.add_argument("--comfy-path", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout to import comfy from")
     p.add_argument("--compile", action="store_true",
                    help="also time ours with torch.compile'd blocks (model_defs/compile.py; first call compiles)")

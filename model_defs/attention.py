@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "flash", "sage")
+BACKENDS = ("sdpa", "cudnn", "flash", "sage")
 
 _backend = "sdpa"
 _kernel: Callable | None = None  # the optional package's function, when _backend != "sdpa"
@@ -33,6 +33,30 @@ def _load_flash() -> Callable:
     return flash_attn_func
 
 
+def _load_cudnn() -> Callable:
+    """PyTorch SDPA with its cuDNN kernel first (fast on Hopper; not PyTorch's default order).
+    Torch without ``set_priority`` gets cuDNN alone: a shape it refuses then raises, and the
+    caller falls back to plain SDPA."""
+    import inspect
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+        def context():
+            return sdpa_kernel(order, set_priority=True)
+    else:
+        def context():
+            return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+    def run(q, k, v):
+        with context():
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
 def _load_sage() -> Callable:
     from sageattention import sageattn
 
@@ -40,7 +64,7 @@ def _load_sage() -> Callable:
 
 
 def set_backend(name: str) -> str:
-    """Select ``"sdpa"``, ``"flash"`` or ``"sage"``; returns the backend actually in use.
+    """Select ``"sdpa"``, ``"cudnn"``, ``"flash"`` or ``"sage"``; returns the backend actually in use.
 
     A backend whose package is not installed falls back to SDPA with a warning, so a workflow
     saved on one machine still runs on another.
@@ -58,7 +82,7 @@ def set_backend(name: str) -> str:
         return _backend
     _checked.clear()
     try:
-        kernel = _load_flash() if name == "flash" else _load_sage()
+        kernel = {"cudnn": _load_cudnn, "flash": _load_flash, "sage": _load_sage}[name]()
     except ImportError as e:
         log.warning("attention backend %r is not available (%s); using PyTorch SDPA", name, e)
         _backend, _kernel = "sdpa", None
@@ -109,7 +133,9 @@ def _run_kernel(kernel: Callable, q, k, v) -> torch.Tensor:
         if isinstance(out, tuple):  # FlashAttention 3 also returns the softmax LSE
             out = out[0]
         return out.transpose(1, 2)
-    return kernel(q, k, v, tensor_layout="HND", is_causal=False)
+    if _backend == "sage":
+        return kernel(q, k, v, tensor_layout="HND", is_causal=False)
+    return kernel(q, k, v)
 
 
 # A shape whose kernel output was finite this many times (a whole first forward: 60 blocks)

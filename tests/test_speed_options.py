@@ -87,3 +87,13 @@ def test_the_sampler_runs_with_the_handles_options(fake_sage):
     got = sampling.sample(fast, positive, latent, seed=3, steps=2, cfg=1.0, device="cpu")
     assert seen == ["sdpa", "sdpa", "sage", "sage"] and attention.get_backend() == "sdpa"
     assert torch.equal(got["samples"], plain["samples"])  # on a CPU every backend is SDPA
+
+
+def test_the_cudnn_backend_is_sdpa_with_another_kernel_order():
+    """It only changes which SDPA kernel runs: on a CPU (no cuDNN) the result is SDPA's."""
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    run = attention._load_cudnn()
+    assert torch.allclose(run(q, k, v), attention._sdpa(q, k, v, None), atol=1e-6)
+    with attention.using("cudnn") as chosen:
+        assert chosen == "cudnn"
+    assert attention.get_backend() == "sdpa"
