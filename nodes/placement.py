@@ -10,7 +10,8 @@ memory is needed. Both sides can then take it back:
 
 A module is never evicted while a node is using it (``_Resident.busy``), and residency is held
 by weak reference: when the graph drops a model (another file chosen in a loader), its VRAM is
-freed with it instead of waiting for memory pressure.
+freed with it instead of waiting for memory pressure. ComfyUI's --disable-smart-memory and
+--novram apply to ours as to its own models (``runtime.host_memory_policy``).
 """
 from __future__ import annotations
 
@@ -173,7 +174,8 @@ def _register(module: torch.nn.Module, device: torch.device) -> _Resident:
 
 @contextlib.contextmanager
 def _using(module: torch.nn.Module, device: torch.device):
-    """The body runs with ``module`` resident on ``device`` and safe from eviction."""
+    """The body runs with ``module`` resident on ``device`` and safe from eviction; afterwards it
+    stays for the next run unless ComfyUI was told to keep VRAM free (host_memory_policy)."""
     entry = _register(module, device) if device.type != "cpu" else None
     if entry is not None:
         entry.busy += 1
@@ -182,6 +184,8 @@ def _using(module: torch.nn.Module, device: torch.device):
     finally:
         if entry is not None:
             entry.busy -= 1
+            if not entry.busy and runtime.host_memory_policy() != "normal":
+                release(module)
 
 
 @contextlib.contextmanager
@@ -206,7 +210,8 @@ def on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str 
     if runtime.free_device_memory(device) < need:
         runtime.request_memory(int(need), device)
         _evict_for(int(need), device)
-    if runtime.free_device_memory(device) >= need or stream_blocks is None:
+    fits = runtime.free_device_memory(device) >= need and runtime.host_memory_policy() != "stream"
+    if fits or stream_blocks is None:
         _move(module, device)
         with _using(module, device) as how:
             yield how

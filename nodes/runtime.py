@@ -209,6 +209,17 @@ def request_memory(bytes_needed: int, device: torch.device) -> None:
         _mm.free_memory(bytes_needed, device)
 
 
+def host_memory_policy() -> str:
+    """How the user told ComfyUI to treat VRAM, for our models too: "normal" (keep what fits for
+    the next run), "release" (--disable-smart-memory: models leave the GPU after each use) or
+    "stream" (--novram: also stream the big models' blocks when they would fit)."""
+    if not IN_COMFYUI:
+        return "normal"
+    if getattr(getattr(_mm, "vram_state", None), "name", "") == "NO_VRAM":
+        return "stream"
+    return "release" if getattr(_mm, "DISABLE_SMART_MEMORY", False) else "normal"
+
+
 def _host_models() -> list | None:
     """ComfyUI's list of models on its devices, the one its ``free_memory`` evicts from."""
     return getattr(_mm, "current_loaded_models", None) if IN_COMFYUI else None

@@ -155,3 +155,24 @@ def _record(seen, stream_blocks):
 
     seen.append(stream_blocks)
     return contextlib.nullcontext("streamed")
+
+
+def test_comfyuis_disable_smart_memory_releases_ours_after_use(monkeypatch):
+    gpu = FakeGPU(monkeypatch, capacity=1 << 30)
+    monkeypatch.setattr(runtime, "host_memory_policy", lambda: "release")
+    outer, inner = _model(), _model()
+    with placement.on_device(outer, GPU):
+        with placement.on_device(inner, GPU):
+            assert gpu.on_gpu(outer) and gpu.on_gpu(inner)
+        assert not gpu.on_gpu(inner) and gpu.on_gpu(outer)  # the outer one is still working
+    assert not gpu.on_gpu(outer) and len(placement._RESIDENT) == 0
+
+
+def test_comfyuis_novram_streams_even_what_would_fit(monkeypatch):
+    FakeGPU(monkeypatch, capacity=1 << 30)
+    monkeypatch.setattr(runtime, "host_memory_policy", lambda: "stream")
+    seen = []
+    monkeypatch.setattr(placement, "_streamed", lambda m, d, s, size: _record(seen, s))
+    with placement.on_device(_model(), GPU, stream_blocks="blocks") as how:
+        assert how == "streamed"
+    assert seen == ["blocks"]

@@ -79,4 +79,11 @@ gc.collect()
 mm.cleanup_models_gc()
 mm.cleanup_models()
 out["dropped_model_forgotten"] = not mm.current_loaded_models and not placement._RESIDENT
+# ComfyUI's VRAM flags, read from its own settings.
+policies = [runtime.host_memory_policy()]
+mm.DISABLE_SMART_MEMORY = True  # --disable-smart-memory
+policies.append(runtime.host_memory_policy())
+mm.vram_state = mm.VRAMState.NO_VRAM  # --novram
+policies.append(runtime.host_memory_policy())
+out["policies"] = policies
 print(json.dumps(out))

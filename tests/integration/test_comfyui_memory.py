@@ -1,6 +1,7 @@
 """Our models inside ComfyUI's real model management (its free_memory / cleanup code) on a
 simulated GPU: ComfyUI can evict ours when it needs VRAM, never one in use, and forgets one the
-graph dropped. Runs in ComfyUI's own Python; skipped without COMFYUI_DIR."""
+graph dropped, and its VRAM flags reach our placement. Runs in ComfyUI's own Python; skipped
+without COMFYUI_DIR."""
 from __future__ import annotations
 
 import json
@@ -28,4 +29,5 @@ def test_comfyui_model_management_evicts_our_idle_models():
         "listed_after_free": 1,
         "all_unloaded": True,
         "dropped_model_forgotten": True,
+        "policies": ["normal", "release", "stream"],
     }
