@@ -3,7 +3,9 @@
 The repeated blocks of a model (the MMDiT's 60 ``transformer_blocks``) stay in host memory and
 visit the GPU for their forward pass. Compared with the plain ``offload.BlockStreamer``:
 
-- host copies are pinned once and reused, so every upload is an asynchronous DMA;
+- host copies are pinned once and reused, so every upload is an asynchronous DMA (unless that
+  would take more than half the available system memory: then uploads go from where the
+  weights are, synchronously);
 - tensors travel exactly as stored: float8 and GGUF block bytes stay compact on the way (a
   Q4_K weight moves 0.56 bytes instead of 2), and are expanded inside each layer;
 - block i+1 is uploaded on a side CUDA stream while block i computes, so with enough PCIe
@@ -29,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import host_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +44,27 @@ def _tensors(block: nn.Module) -> list[torch.Tensor]:
             seen.add(id(t))
             out.append(t)
     return out
+
+
+PIN_SHARE = 0.5  # of the available system memory, at most, for pinned copies of streamed blocks
+
+
+def available_host_memory() -> int | None:
+    """Bytes of system memory available to new allocations (Linux MemAvailable, or psutil)."""
+    try:
+        import psutil  # ComfyUI ships it
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def block_bytes(block: nn.Module) -> int:
@@ -112,10 +137,10 @@ class BlockStreamer:
     # -- context -------------------------------------------------------------------------
 
     def __enter__(self) -> "BlockStreamer":
-        pin = self.pin and self._cuda and self.offload_device.type == "cpu"
+        pin = self.pin and self._cuda and self.offload_device.type == "cpu" and self._room_to_pin()
         for i, block in enumerate(self.blocks):
             if any(t.device != self.offload_device for t in _tensors(block)):
-                block.to(self.offload_device)
+                host_memory.move(block, self.offload_device)  # weights read as stored: back to the file
             if pin:
                 pin = self._pin(block)
             self._host.append([t.data for t in _tensors(block)])
@@ -142,6 +167,20 @@ class BlockStreamer:
         self._unfinished.clear()
         self._host.clear()
         self._index.clear()
+
+    def _room_to_pin(self) -> bool:
+        """Pinned copies are process memory the system cannot page out. Where they would take
+        more than ``PIN_SHARE`` of the memory still available, the blocks stream straight from
+        where they are (for weights read as stored, the file's page cache): slower uploads,
+        but a 32 GB machine keeps working."""
+        need = sum(t.numel() * t.element_size() for b in self.blocks for t in _tensors(b)
+                   if t.device.type == "cpu" and not t.is_pinned())
+        available = available_host_memory()
+        if available is None or need <= PIN_SHARE * available:
+            return True
+        log.warning("not pinning %.1f GiB of streamed weights (%.1f GiB of system memory available); "
+                    "uploads will be synchronous", need / 2**30, available / 2**30)
+        return False
 
     def _pin(self, block: nn.Module) -> bool:
         try:

@@ -168,3 +168,17 @@ def test_placement_uses_the_prefetching_streamer():
     from qwenimage_pack.nodes import placement
 
     assert placement.BlockStreamer is streaming.BlockStreamer
+
+
+def test_pinning_is_skipped_when_it_would_crowd_system_memory(monkeypatch, caplog):
+    model = _model()
+    streamer = streaming.BlockStreamer(model.transformer_blocks, "cpu", "cpu")
+    need = sum(streaming.block_bytes(b) for b in model.transformer_blocks)
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: 4 * need)
+    assert streamer._room_to_pin()
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: None)  # unknown: pin as before
+    assert streamer._room_to_pin()
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: need)
+    with caplog.at_level("WARNING"):
+        assert not streamer._room_to_pin()
+    assert any("not pinning" in r.getMessage() for r in caplog.records)
