@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 from .detect import EXPECTED, Detected
 from .errors import WeightFileError
 from .keys_mmdit import find_prefix
-from .load import _load, _Plan, _plan_quant
+from .load_engine import _load, _Plan, _plan_quant
 from .safetensors_io import is_gguf, open_weights
 
 CONTROLNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "controlnet.", "model.")

@@ -1,0 +1,389 @@
+"""The machinery every weight loader shares (see ``load``): opening a source, planning and
+checking the key mapping, streaming converted tensors into a meta-built module, and cleaning up
+after a failure."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .. import host_memory
+from .detect import EXPECTED, detect, mismatch_message
+from .errors import WeightFileError
+from .keys_mmdit import check_quant_format, parse_quant_config, quant_side_tensors
+from .linear import FP8_DTYPES, Embedding, Linear, QuantizedTensor, dequantize_rows
+from .safetensors_io import WeightSource, is_gguf, open_weights
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+_FLOAT_NAMES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+_FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+class _GGUFSource:
+    """The tensors of a GGUF file behind the same interface as ``WeightSource``."""
+
+    def __init__(self, path: Path, contents):
+        self.path = path
+        self.arch = getattr(contents, "arch", None)
+        self.layout = f"GGUF ({self.arch})" if self.arch else "GGUF"
+        self.config = None
+        self.metadata: dict = dict(getattr(contents, "metadata", None) or {})
+        self._tensors = dict(contents.tensors)
+
+    def keys(self):
+        return self._tensors.keys()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def in_file_order(self) -> list[str]:
+        return list(self._tensors)
+
+    @property
+    def tensors(self) -> dict:
+        return self._tensors
+
+    def get(self, name: str):
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def _read_gguf(path: Path, expect: str):
+    try:
+        from .gguf_reader import read_gguf
+    except ImportError as e:
+        raise WeightFileError(path, f"is a GGUF file, but GGUF support is not available ({e}).",
+                              "a .safetensors file, or install the pack completely (the 'gguf' package)") from None
+    try:
+        return read_gguf(path, expect)
+    except WeightFileError:
+        raise
+    except Exception as e:
+        raise WeightFileError(path, f"could not be read as GGUF ({type(e).__name__}: {e}).", "a valid GGUF file") from None
+
+
+def _open_source(path, component: str, gguf_expect: str | None):
+    p = Path(path).expanduser()
+    if p.is_file() and is_gguf(p):
+        if gguf_expect is None:
+            raise WeightFileError(p, f"is a GGUF file; the {component} is not loaded from GGUF.", "a .safetensors file")
+        return _GGUFSource(p, _read_gguf(p, gguf_expect))
+    return open_weights(p, component=component)
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion policy
+
+
+def _as_dtype(value, what: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in _FLOAT_NAMES:
+        return _FLOAT_NAMES[value.lower()]
+    raise ValueError(f"{what} must be a torch dtype or one of bf16/fp16/fp32, got {value!r}")
+
+
+@dataclass
+class _Policy:
+    """How each tensor is stored once loaded."""
+
+    weight_dtype: str
+    device: torch.device
+    compute_dtype: torch.dtype | None
+    from_gguf: bool = False
+    # target name -> store as float8 with a scale when weight_dtype == "fp8_e4m3fn"
+    fp8_eligible: Callable[[str], bool] = lambda name: False
+
+    @property
+    def forced(self) -> torch.dtype | None:
+        return _FLOAT_NAMES.get(self.weight_dtype)
+
+    def dense_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """dtype of a tensor that must end up as a plain float tensor."""
+        if self.forced is not None:
+            return self.forced
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        if self.weight_dtype == "fp8_e4m3fn" or self.from_gguf or stored in FP8_DTYPES:
+            return torch.bfloat16
+        return stored
+
+    def convert(self, name: str, t: torch.Tensor, scale: torch.Tensor | None, compact: bool):
+        """``(tensor, scale_or_None)`` for one file tensor already on the target device."""
+        if not t.is_floating_point():
+            return t, None
+        fp8 = t.dtype in FP8_DTYPES
+        per_tensor = scale is None or scale.numel() == 1
+        if compact and per_tensor and self.forced is None:
+            if self.weight_dtype == "fp8_e4m3fn" and self.fp8_eligible(name):
+                return (t, scale) if fp8 else _quantize_fp8(name, t)
+            if self.weight_dtype == "default" and (fp8 or scale is None) and not self.from_gguf:
+                return t, scale
+        return _dense(t, scale, self.dense_dtype(t.dtype)), None
+
+
+def _dense(t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return t.to(dtype)
+    s = scale.to(device=t.device, dtype=torch.float32)
+    if s.numel() != 1:
+        if s.numel() != t.shape[0]:
+            raise ValueError(f"scale of {s.numel()} values does not fit a weight of shape {list(t.shape)}")
+        s = s.reshape(-1, *([1] * (t.dim() - 1)))
+    return (t.to(torch.float32) * s).to(dtype)
+
+
+def _quantize_fp8(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8_e4m3fn with a per-tensor scale amax/448, so the full fp8 range is used."""
+    amax = t.abs().amax().to(torch.float32)
+    if not torch.isfinite(amax):
+        raise ValueError(f"tensor '{name}' contains inf or NaN values")
+    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+    # One float32 working copy, scaled in place: the peak is one tensor's worth, not two.
+    w = t.to(torch.float32, copy=True).div_(scale).clamp_(-_FP8_MAX, _FP8_MAX)
+    return w.to(torch.float8_e4m3fn), scale
+
+
+# ---------------------------------------------------------------------------------------------
+# building on meta, checking the plan, streaming
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build the module on the meta device: every parameter is replaced from the file, so
+    allocating and randomly initialising 20 B parameters first would only cost time and RAM.
+
+    A device context (not a patched ``nn.Module``) keeps this local to the loading thread. Our
+    models register no buffers with computed values (rotary tables are rebuilt per call), so
+    nothing that the file lacks is lost.
+    """
+    with torch.device("meta"):
+        yield
+
+
+@dataclass
+class _Plan:
+    routes: dict[str, str] = field(default_factory=dict)  # file key -> parameter / buffer name
+    vision: dict[str, str] = field(default_factory=dict)  # file key -> name inside the vision tower
+    scales: dict[str, str] = field(default_factory=dict)  # file key of a weight -> its scale's key
+    formats: dict[str, torch.dtype] = field(default_factory=dict)  # weight key -> declared storage
+    unexpected: list[str] = field(default_factory=list)
+
+
+def _plan_quant(plan: _Plan, source, path: Path) -> set[str]:
+    """Fill in scales and declared formats; returns the side-tensor keys (not parameters)."""
+    side = quant_side_tensors(source.keys(), getattr(source, "metadata", None))
+    plan.scales = dict(side.scales)
+    for weight, key in side.configs.items():
+        fmt = parse_quant_config(source.get(key), key, path)
+        plan.formats[weight] = check_quant_format(fmt, weight, path)
+    for weight, fmt in side.meta_formats.items():
+        plan.formats.setdefault(weight, check_quant_format(fmt, weight, path))
+    return side.side_keys
+
+
+def _state_names(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(persistent parameters and buffers by name, names of non-persistent buffers)."""
+    expected: dict[str, torch.Tensor] = {}
+    transient: set[str] = set()
+    for mod_name, mod in model.named_modules():
+        pre = mod_name + "." if mod_name else ""
+        for n, p in mod._parameters.items():
+            if p is not None:
+                expected[pre + n] = p
+        for n, b in mod._buffers.items():
+            if n in mod._non_persistent_buffers_set:
+                transient.add(pre + n)
+            elif b is not None:
+                expected[pre + n] = b
+    return expected, transient
+
+
+def _few(names, n: int = 5) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _check_plan(model: nn.Module, plan: _Plan, shapes: dict, path: Path, what: str) -> None:
+    expected, transient = _state_names(model)
+    for key in [k for k, t in plan.routes.items() if t in transient]:
+        del plan.routes[key]  # recomputed by the model, whatever the file says
+    unknown = [k for k, t in plan.routes.items() if t not in expected] + plan.unexpected
+    if unknown:
+        raise WeightFileError(path, f"has {len(unknown)} tensors that are not part of {what}: {_few(unknown)}.",
+                              f"exactly the tensors of {what}")
+    covered = set(plan.routes.values())
+    missing = [n for n in expected if n not in covered and expected[n].is_meta]
+    if missing:
+        raise WeightFileError(path, f"lacks {len(missing)} tensors of {what}: {_few(missing)}.",
+                              f"a complete {what} file (the file may be cut short or of another variant)")
+    for key, target in plan.routes.items():
+        want, got = tuple(expected[target].shape), tuple(shapes[key])
+        if want != got:
+            raise WeightFileError(path, f"tensor '{key}' has shape {list(got)}, but the model built from its config "
+                                        f"needs {list(want)}.", f"tensors matching one {what} configuration")
+    dup = [t for t, c in Counter(plan.routes.values()).items() if c > 1]
+    if dup:
+        raise WeightFileError(path, f"holds several tensors for the same parameter ({_few(dup)}): mixed key layouts.",
+                              "one key layout per file")
+
+
+def _assign(model: nn.Module, target: str, value, scale: torch.Tensor | None, from_file: bool = False) -> None:
+    """``from_file``: ``value`` is the file's own memory (not converted), see host_memory."""
+    mod_name, _, attr = target.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if isinstance(value, QuantizedTensor):
+        mod.set_quantized(value.blocks, value.qtype, value.shape)
+        if from_file:
+            host_memory.keep_file_view(mod, "weight")
+        return
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        if from_file:
+            host_memory.keep_file_view(mod, attr)
+    else:
+        mod._buffers[attr] = value
+    if isinstance(mod, (Linear, Embedding)) and attr == "weight":
+        mod.set_scale(scale)
+
+
+def _is_compact(model: nn.Module, target: str) -> bool:
+    mod_name, _, attr = target.rpartition(".")
+    return attr == "weight" and isinstance(model.get_submodule(mod_name) if mod_name else model, (Linear, Embedding))
+
+
+def _stream(model: nn.Module, source, plan: _Plan, policy: _Policy, path: Path) -> dict[str, torch.Tensor]:
+    """Read, convert and assign every planned tensor; returns the vision tensors, if any."""
+    vision: dict[str, torch.Tensor] = {}
+    device = policy.device
+    for key in source.in_file_order():
+        target = plan.routes.get(key)
+        if target is None and key not in plan.vision:
+            continue
+        raw = source.get(key)
+        compact = target is not None and _is_compact(model, target)
+        if isinstance(raw, QuantizedTensor):
+            value, scale = _gguf_value(raw, compact, policy)
+            from_file = isinstance(value, QuantizedTensor) and value.blocks.data_ptr() == raw.blocks.data_ptr()
+        else:
+            declared = plan.formats.get(key)
+            if declared is not None and raw.dtype == torch.uint8:
+                raw = raw.view(declared)  # fp8 bytes stored in a uint8 container
+            scale = source.get(plan.scales[key]).to(device) if key in plan.scales else None
+            try:
+                value, scale = policy.convert(target or key, raw.to(device), scale, compact)
+            except ValueError as e:
+                raise WeightFileError(source[key].file if isinstance(source, WeightSource) else path,
+                                      f"has an unusable tensor '{key}': {e}.",
+                                      "finite weights (the file may be damaged)") from None
+            from_file = value.device.type == "cpu" and value.data_ptr() == raw.data_ptr()
+        del raw
+        if target is None:
+            vision[plan.vision[key]] = value
+        else:
+            _assign(model, target, value, scale, from_file)
+    return vision
+
+
+def _gguf_value(q: QuantizedTensor, compact: bool, policy: _Policy):
+    blocks = q.blocks.to(policy.device)
+    if compact:
+        return QuantizedTensor(blocks, q.qtype, tuple(q.shape)), None
+    cols = 1
+    for n in q.shape[1:]:
+        cols *= n
+    dense = dequantize_rows(blocks.reshape(q.shape[0], -1), q.qtype, cols, policy.dense_dtype(torch.float32))
+    return dense.reshape(q.shape), None
+
+
+def _finish(model: nn.Module, policy: _Policy, path: Path, what: str) -> None:
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise WeightFileError(path, f"did not provide {len(left)} tensors of {what}: {_few(left)}.", f"a complete {what}")
+    for mod in model.modules():
+        for n, b in mod._buffers.items():
+            if b is not None and b.device != policy.device:
+                mod._buffers[n] = b.to(policy.device)
+        if policy.compute_dtype is not None and isinstance(mod, Embedding):
+            mod.compute_dtype = policy.compute_dtype
+    if policy.compute_dtype is not None and hasattr(type(model), "compute_dtype"):
+        with contextlib.suppress(AttributeError):
+            model.compute_dtype = policy.compute_dtype
+    model.eval()
+
+
+def _load(path, component: str, gguf_expect: str, wanted: str, weight_dtype: str, device, compute_dtype,
+          prepare: Callable, fp8_eligible: Callable[[str], bool]):
+    """Shared skeleton; ``prepare(source, found) -> (plan, build)`` where ``build()`` makes the module."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    compute_dtype = _as_dtype(compute_dtype, "compute_dtype")
+    device = torch.device(device)
+    p = Path(path).expanduser()
+    what = EXPECTED[wanted].split(" (")[0]
+    model = source = None
+    failure: BaseException | None = None
+    try:
+        source = _open_source(p, component, gguf_expect)
+        shapes = source.shapes()
+        found = detect(list(source.keys()), shapes, getattr(source, "arch", None))
+        if not found.has(wanted):
+            raise WeightFileError(p, mismatch_message(found, wanted), None)
+        plan, build = prepare(source, found, shapes, p)
+        with _parameters_on_meta():
+            model = build()
+        _check_plan(model, plan, shapes, p, what)
+        policy = _Policy(weight_dtype, device, compute_dtype, isinstance(source, _GGUFSource), fp8_eligible)
+        vision = _stream(model, source, plan, policy, p)
+        _finish(model, policy, p, what)
+        return model, vision
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear error, see below
+        failure = _as_weight_error(e, p, what)
+    finally:
+        if source is not None:
+            source.close()
+    # Outside the except block: the traceback that pinned the half-built model is gone.
+    del model, source
+    _free_memory(device)
+    raise failure
+
+
+def _as_weight_error(e: Exception, path: Path, what: str) -> WeightFileError:
+    if isinstance(e, WeightFileError):
+        err = WeightFileError(e.path, e.problem, e.expected)
+    elif isinstance(e, getattr(torch, "OutOfMemoryError", ())) or isinstance(e, MemoryError):
+        err = WeightFileError(path, f"did not fit in memory while loading ({e}).",
+                              "more free memory: close other models, or choose weight_dtype fp8_e4m3fn or a GGUF file")
+    else:
+        # Formatted to text: a log record holding exc_info would keep the model alive via its frames.
+        logger.error("loading %s failed:\n%s", path, "".join(traceback.format_exception(e)))
+        err = WeightFileError(path, f"could not be loaded as {what} ({type(e).__name__}: {e}).", None)
+    e.__traceback__ = None
+    return err
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
