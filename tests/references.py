@@ -38,6 +38,23 @@ def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
 TINY_MMDIT = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
                   num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(4, 14, 14))
 
+TINY_INNER_DIM = TINY_MMDIT["num_attention_heads"] * TINY_MMDIT["attention_head_dim"]  # 64
+
+
+def diffsynth_patch_state(g: torch.Generator, layers: int, extra: int = 0) -> dict:
+    """A DiffSynth blockwise patch for the tiny MMDiT: img_in (``extra`` more input channels for
+    the inpainting patch) plus per-block x_rms / y_rms / input_proj / output_proj."""
+    d = TINY_INNER_DIM
+    sd = {"img_in.weight": torch.randn(d, 64 + extra, generator=g) * 0.1, "img_in.bias": torch.randn(d, generator=g) * 0.1}
+    for i in range(layers):
+        p = f"controlnet_blocks.{i}."
+        sd[p + "x_rms.weight"] = torch.rand(d, generator=g) + 0.5
+        sd[p + "y_rms.weight"] = torch.rand(d, generator=g) + 0.5
+        for name in ("input_proj", "output_proj"):
+            sd[p + name + ".weight"] = torch.randn(d, d, generator=g) * 0.1
+            sd[p + name + ".bias"] = torch.randn(d, generator=g) * 0.1
+    return sd
+
 
 def tiny_transformer(seed: int = 0, joint_dim: int = TEXT_HIDDEN, layers: int = 2, **kw):
     from diffusers import QwenImageTransformer2DModel

@@ -18,20 +18,11 @@ from test_controlnet_parity import _pack, _save, tiny_controlnet
 
 torch.set_num_threads(1)
 
-DIM = 64  # inner dim of references.tiny_transformer (2 heads x 32)
+DIM = refs.TINY_INNER_DIM
 
 
 def diffsynth_state(seed: int, layers: int, extra: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    sd = {"img_in.weight": torch.randn(DIM, 64 + extra, generator=g) * 0.1, "img_in.bias": torch.randn(DIM, generator=g) * 0.1}
-    for i in range(layers):
-        p = f"controlnet_blocks.{i}."
-        sd[p + "x_rms.weight"] = torch.rand(DIM, generator=g) + 0.5
-        sd[p + "y_rms.weight"] = torch.rand(DIM, generator=g) + 0.5
-        for name in ("input_proj", "output_proj"):
-            sd[p + name + ".weight"] = torch.randn(DIM, DIM, generator=g) * 0.1
-            sd[p + name + ".bias"] = torch.randn(DIM, generator=g) * 0.1
-    return sd
+    return refs.diffsynth_patch_state(torch.Generator().manual_seed(seed), layers, extra)
 
 
 def published_block(x, y, sd, i):

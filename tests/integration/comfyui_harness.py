@@ -42,10 +42,6 @@ TINY = {
     "patch_diffsynth": ("model_patches", "qwen_image_canny_diffsynth_tiny.safetensors"),
     "patch_diffsynth_inpaint": ("model_patches", "qwen_image_inpaint_diffsynth_tiny.safetensors"),
 }
-# The tiny MMDiT's shape (references.tiny_transformer), which the control models must share.
-CONTROL_CFG = dict(patch_size=2, in_channels=64, out_channels=16, attention_head_dim=32, num_attention_heads=2,
-                   axes_dims_rope=(4, 14, 14), num_layers=2)
-INNER_DIM = 64
 
 
 def controlnet_file_for(name: str) -> str:
@@ -111,26 +107,13 @@ def write_tiny_models(models: Path) -> dict[str, str]:
     from diffusers import QwenImageControlNetModel
 
     for key, extra, seed in (("controlnet_union", 0, 6), ("controlnet_inpaint", 4, 7)):
-        cn = QwenImageControlNetModel(extra_condition_channels=extra, joint_attention_dim=refs.TEXT_HIDDEN, **CONTROL_CFG)
+        # the tiny MMDiT's shape (references.tiny_transformer), which the control models must share
+        cn = QwenImageControlNetModel(extra_condition_channels=extra, **dict(refs.TINY_MMDIT, joint_attention_dim=refs.TEXT_HIDDEN))
         refs._randomize(cn.eval(), seed)  # the zero-initialised heads must matter
         save_file({k: v.detach().contiguous() for k, v in cn.state_dict().items()}, path[key])
     for key, extra in (("patch_diffsynth", 0), ("patch_diffsynth_inpaint", 4)):
-        save_file(_diffsynth_patch(torch, CONTROL_CFG["num_layers"], extra, g), path[key])
+        save_file(refs.diffsynth_patch_state(g, refs.TINY_MMDIT["num_layers"], extra), path[key])
     return {key: name for key, (_, name) in TINY.items()}
-
-
-def _diffsynth_patch(torch, layers: int, extra: int, g) -> dict:
-    """A DiffSynth blockwise patch: img_in plus per-block x_rms / y_rms / input_proj / output_proj."""
-    d = INNER_DIM
-    sd = {"img_in.weight": torch.randn(d, 64 + extra, generator=g) * 0.1, "img_in.bias": torch.randn(d, generator=g) * 0.1}
-    for i in range(layers):
-        p = f"controlnet_blocks.{i}."
-        sd[p + "x_rms.weight"] = torch.rand(d, generator=g) + 0.5
-        sd[p + "y_rms.weight"] = torch.rand(d, generator=g) + 0.5
-        for name in ("input_proj", "output_proj"):
-            sd[p + name + ".weight"] = torch.randn(d, d, generator=g) * 0.1
-            sd[p + name + ".bias"] = torch.randn(d, generator=g) * 0.1
-    return sd
 
 
 def _write_gguf(path: Path, state: dict, np) -> None:
