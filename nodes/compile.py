@@ -1,8 +1,6 @@
 """Torch Compile node: marks a model handle so the sampler runs its blocks through torch.compile."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ..model_defs import compile as block_compile
 from .handles import MODEL_TYPE
 
@@ -10,8 +8,7 @@ from .handles import MODEL_TYPE
 def with_compile(model, backend: str, mode: str):
     """A new handle whose sampling compiles the MMDiT blocks; ``model`` itself is unchanged."""
     settings = block_compile.CompileSettings(backend, mode)  # checks the names
-    # A new options dict: handles are shared between downstream nodes and must never change.
-    return replace(model, options={**model.options, "compile": {"backend": settings.backend, "mode": settings.mode}})
+    return model.with_options(compile={"backend": settings.backend, "mode": settings.mode})
 
 
 class QwenImageTorchCompile:

@@ -31,6 +31,10 @@ class DiffusionModel:
     def with_lora(self, lora_id: str, weights: Any, strength: float) -> "DiffusionModel":
         return replace(self, loras=self.loras + ((lora_id, weights, float(strength)),))
 
+    def with_options(self, **options) -> "DiffusionModel":
+        """A new handle with ``options`` added (a new dict: this handle's must never change)."""
+        return replace(self, options={**self.options, **options})
+
     def describe(self) -> str:
         extra = f", {len(self.loras)} LoRA(s)" if self.loras else ""
         return f"{self.name} [{self.variant}, {self.weight_format}{extra}]"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 
 import torch
 
@@ -21,8 +20,7 @@ def with_speed_options(model, attention_backend: str, fp8: str):
         raise ValueError(f"fp8_matmul must be one of {', '.join(FP8_CHOICES)}, got {fp8!r}")
     if fp8 != "off" and "fp8" not in model.weight_format.lower():
         runtime.warn(f"fp8_matmul only changes float8 weights; {model.name} is {model.weight_format}, so it has no effect")
-    # A new dict: handles are shared between downstream nodes and must never change.
-    return replace(model, options={**model.options, "attention": attention_backend, "fp8_matmul": fp8})
+    return model.with_options(attention=attention_backend, fp8_matmul=fp8)
 
 
 @contextlib.contextmanager
