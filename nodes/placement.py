@@ -153,11 +153,10 @@ def _evict_for(bytes_needed: int, device: torch.device) -> None:
         if entry.busy or entry.device != device:
             continue
         module = entry.real_model()
-        del _RESIDENT[key]
-        runtime.host_forget_model(entry)
         if module is not None:
-            _move(module, runtime.offload_device())
-        runtime.soft_empty_cache()
+            release(module)
+        else:  # collected a moment ago; its weakref callback may not have run yet
+            _forget(key)
 
 
 def _register(module: torch.nn.Module, device: torch.device) -> _Resident:
