@@ -12,6 +12,7 @@ FAMILIES = (
     "controlnet",
     "compile",
     "options",
+    "comfy_model",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -11,18 +11,15 @@ the latent's aspect ratio, then resized (antialiased bilinear) to the latent's p
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..model_defs import host_memory
 from ..model_defs import latent_format as lf
 from ..model_defs.controlnet import DIFFSYNTH, INSTANTX, AppliedControl
-from ..model_defs.offload import module_bytes
 from ..model_defs.weights.keys_controlnet import load_controlnet
 from . import placement, runtime
 from .handles import VAE_TYPE
@@ -40,6 +37,7 @@ class ControlNet:
 
     module: torch.nn.Module
     name: str
+    owners: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -109,7 +107,8 @@ class QwenImageControlNetLoader:
         path = runtime.resolve_choice(controlnet_name, *FOLDER_KINDS, what="ControlNet")
         module = load_controlnet(path, weight_dtype=weight_dtype, device=runtime.offload_device(),
                                  compute_dtype=runtime.compute_dtype(runtime.compute_device()))
-        return (ControlNet(module=module, name=Path(controlnet_name).name),)
+        owners = tuple(o for o in [placement.manage(module)] if o is not None)
+        return (ControlNet(module=module, name=Path(controlnet_name).name, owners=owners),)
 
 
 # ------------------------------------------------------------------------------------ images
@@ -313,28 +312,13 @@ def conds_controls(conds) -> list[AppliedControl]:
     return list(seen.values())
 
 
-@contextlib.contextmanager
-def prepared(conds, height: int, width: int, device: torch.device):
-    """Encode every control image for this latent size, then keep the control models on
-    ``device`` for the body. They are not entered in the placement LRU, so placing the big
-    diffusion model cannot evict them mid-sampling."""
+def prepared(conds, height: int, width: int) -> list:
+    """Encode every control image for this latent size; returns the control models to place
+    on the device next to the diffusion model (loaded together, so neither evicts the other)."""
     controls = conds_controls(conds)
     for ctl in controls:
         ctl.prepare(height, width)
-    device = torch.device(device)
-    moved = []
-    try:
-        for net in dict.fromkeys(ctl.net for ctl in controls):
-            if device.type != "cpu" and next(net.parameters()).device != device:
-                runtime.request_memory(module_bytes(net), device)
-                net.to(device)
-                moved.append(net)
-        yield controls
-    finally:
-        for net in moved:
-            host_memory.move(net, runtime.offload_device())  # file-read weights: back to the mapping
-        if moved:
-            runtime.soft_empty_cache()
+    return list(dict.fromkeys(ctl.net for ctl in controls))
 
 
 NODE_CLASS_MAPPINGS = {

@@ -122,8 +122,8 @@ def edit_conditioning(text_encoder, vae, prompt: str, images: list, variant: str
 
     device = torch.device(device) if device is not None else runtime.compute_device()
     module = text_encoder.module
-    with placement.on_device(module, device, stream_blocks="layers"), \
-            placement.on_device(tower, device, stream_blocks="blocks"), torch.inference_mode():
+    # Loaded together: loading one must not evict the other.
+    with placement.on_devices(device, (module, "layers"), (tower, "blocks")), torch.inference_mode():
         embeds = E.encode_edit_prompt(module, tower, text_encoder.tokenizer, prompt, vis, kind, device=device)
     refs = encode_references(vae, pics, plans, device)
 

@@ -3,6 +3,10 @@
 ComfyUI caches node outputs and may hand the same object to several downstream nodes, so
 handles are immutable: a LoRA node returns a new handle that shares the 20 B module and adds a
 patch description; the patches are attached to the module only while a sampler runs.
+
+Inside ComfyUI a handle also holds the ComfyUI ModelPatchers that own its modules (``owners``,
+made by ``placement.manage``): ComfyUI refers to them only weakly, so the handle is what keeps
+them, and the graph dropping the handle frees the model.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class DiffusionModel:
     # (lora_id, LoraWeights, strength) in application order
     loras: tuple = ()
     options: dict = field(default_factory=dict)
+    owners: tuple = field(default=(), compare=False, repr=False)
 
     def with_lora(self, lora_id: str, weights: Any, strength: float) -> "DiffusionModel":
         return replace(self, loras=self.loras + ((lora_id, weights, float(strength)),))
@@ -46,12 +51,14 @@ class TextEncoder:
     tokenizer: Any
     name: str
     vision: Any = None  # vision tower (edit models); None when the file has none
+    owners: tuple = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class VAE:
     module: torch.nn.Module
     name: str
+    owners: tuple = field(default=(), compare=False, repr=False)
 
 
 def variant_from_name(filename: str) -> str:

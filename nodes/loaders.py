@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..model_defs.weights import load as weight_load
-from . import runtime
+from . import comfy_model, placement, runtime
 from .handles import MODEL_TYPE, TEXT_ENCODER_TYPE, VAE_TYPE, VARIANTS, VAE, DiffusionModel, TextEncoder, variant_from_name
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn")
@@ -59,7 +59,9 @@ class QwenImageDiTLoader:
         set_variant(module, variant)
         fmt = "gguf" if path.suffix.lower() == ".gguf" else _weight_format(module)
         _show_loaded(unique_id, "diffusion_model", model_name, variant=variant, format=fmt)
-        return (DiffusionModel(module=module, name=Path(model_name).name, variant=variant, weight_format=fmt),)
+        owner = placement.manage(module, "transformer_blocks", model=comfy_model.comfy_model_for(module))
+        return (DiffusionModel(module=module, name=Path(model_name).name, variant=variant, weight_format=fmt,
+                               owners=_present(owner)),)
 
 
 def _show_loaded(unique_id, kind: str, name: str, **info) -> None:
@@ -76,6 +78,11 @@ def set_variant(module: torch.nn.Module, variant: str) -> None:
         cfg.zero_cond_t = zero
     if hasattr(module, "zero_cond_t"):
         module.zero_cond_t = zero
+
+
+def _present(*owners) -> tuple:
+    """The ComfyUI patchers a handle keeps (none outside ComfyUI)."""
+    return tuple(o for o in owners if o is not None)
 
 
 def _weight_format(module: torch.nn.Module) -> str:
@@ -133,7 +140,9 @@ class QwenImageTextEncoderLoader:
         )
         fmt = "gguf" if path.suffix.lower() == ".gguf" else _weight_format(module)
         _show_loaded(unique_id, "text_encoder", text_encoder_name, format=fmt, vision=bool(vision_state))
-        return (TextEncoder(module=module, tokenizer=tokenizer, name=Path(text_encoder_name).name, vision=vision_state or None),)
+        owners = _present(placement.manage(module, "layers"))
+        return (TextEncoder(module=module, tokenizer=tokenizer, name=Path(text_encoder_name).name, vision=vision_state or None,
+                            owners=owners),)
 
 
 def _tokenizer_for(path: Path, tok):
@@ -175,7 +184,7 @@ class QwenImageVAELoader:
         dtype = torch.float32 if device.type == "cpu" else runtime.compute_dtype(device)
         module = weight_load.load_vae(path, dtype=dtype, device=runtime.offload_device())
         _show_loaded(unique_id, "vae", vae_name, format=str(dtype).replace("torch.", ""))
-        return (VAE(module=module, name=Path(vae_name).name),)
+        return (VAE(module=module, name=Path(vae_name).name, owners=_present(placement.manage(module))),)
 
 
 NODE_CLASS_MAPPINGS = {

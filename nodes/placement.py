@@ -1,17 +1,16 @@
-"""Putting our modules on the GPU only while they work, and streaming when they cannot fit.
+"""Putting our modules on the GPU while they work, and streaming them when they cannot fit.
 
-A module placed on the GPU stays there after its node finishes (the next run reuses it) until
-memory is needed. Both sides can then take it back:
+Two hosts, one call (``on_device``):
 
-- we evict our own least-recently-used modules, after asking ComfyUI to free its models;
-- inside ComfyUI each resident module is also listed in ComfyUI's own table of loaded models
-  (``_Resident`` offers what its ``free_memory`` uses), so a core node that needs VRAM, or the
-  "Unload models" button, moves ours to system memory exactly as it does its own.
-
-A module is never evicted while a node is using it (``_Resident.busy``), and residency is held
-by weak reference: when the graph drops a model (another file chosen in a loader), its VRAM is
-freed with it instead of waiting for memory pressure. ComfyUI's --disable-smart-memory and
---novram apply to ours as to its own models (``runtime.host_memory_policy``).
+- **Inside ComfyUI** each module is owned by a genuine ComfyUI ``ModelPatcher`` subclass
+  (``patcher.QwenImagePatcher``, made once by ``manage`` when a loader builds the module) and is
+  loaded with ComfyUI's own ``load_models_gpu``. ComfyUI then decides everything as for its own
+  models: what to evict, partial loading (our block streaming), "Unload models", its VRAM flags.
+  The handle that travels between nodes holds the patcher (ComfyUI keeps only a weak reference
+  to it), so a model the graph drops frees its memory with it.
+- **In plain Python** (scripts, tests, benchmarks) a small least-recently-used cache does the
+  same job: a module stays on the GPU after its run until another needs the room, is never
+  evicted while in use, and streams its blocks when it cannot fit.
 """
 from __future__ import annotations
 
@@ -25,104 +24,80 @@ from ..model_defs import host_memory
 from ..model_defs.offload import module_bytes
 from ..model_defs.streaming import BlockStreamer, blocks_that_fit
 from ..model_defs.weights import dequant_cuda
+from . import patcher as patchers
 from . import runtime
 
 _HEADROOM = 1.5 * (1 << 30)  # activations and the allocator's slack
 
+# id(module) -> the patcher owning it (ComfyUI only). Weak: the handle holds the patcher.
+_PATCHERS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+
+
+def manage(module: torch.nn.Module, stream_blocks: str | None = None, model: torch.nn.Module | None = None):
+    """The ComfyUI patcher that owns ``module`` from now on (None outside ComfyUI).
+
+    ``model``: the object ComfyUI should manage when it is not a plain part (our MMDiT's
+    ComfyUI MODEL); by default ``module`` in a ``QwenImagePart``. Keep the result in the handle."""
+    existing = _PATCHERS.get(id(module))
+    if existing is not None and existing.model.qwen_module() is module:
+        return existing
+    if model is None and patchers.QwenImagePatcher is not None:
+        model = patchers.QwenImagePart(module, stream_blocks, runtime.offload_device())
+    owner = patchers.make_patcher(model) if model is not None else None
+    if owner is not None:
+        _PATCHERS[id(module)] = owner
+    return owner
+
+
+def _owner(module: torch.nn.Module, stream_blocks: str | None):
+    owner = _PATCHERS.get(id(module))
+    if owner is None or owner.model.qwen_module() is not module:
+        owner = manage(module, stream_blocks)
+        # No loader registered this module (a script built it): nothing else holds its patcher,
+        # so the module does. A reference cycle, collected with the module.
+        module.__dict__["_qwenimage_patcher"] = owner
+    return owner
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str | None = None):
+    """Run the body with ``module`` on ``device``; yields "resident" or "streamed"."""
+    with on_devices(device, (module, stream_blocks)) as how:
+        yield how[0]
+
+
+@contextlib.contextmanager
+def on_devices(device: torch.device, *parts):
+    """Run the body with every ``(module, stream_blocks)`` of ``parts`` on ``device``, loaded
+    together (so loading one never evicts another); yields each one's "resident" / "streamed"."""
+    device = _canonical(device)
+    if device.type == "cuda":
+        # GGUF weights are expanded on the GPU every step: use the compiled kernels there
+        # (idempotent; no-op when torch.compile cannot work, or QWENIMAGE_FUSED_DEQUANT=0).
+        dequant_cuda.enable()
+    if runtime.IN_COMFYUI:
+        owners = [_owner(m, blocks) for m, blocks in parts]
+        runtime.load_models(owners, memory_required=_HEADROOM if device.type != "cpu" else 0)
+        yield [o.placement() for o in owners]
+        return
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(_plain_on_device(m, device, blocks)) for m, blocks in parts]
+
+
+# ----------------------------------------------------------------------------- plain Python
 
 class _Resident:
-    """One of our modules sitting on a compute device.
-
-    Besides our own bookkeeping it is the entry ComfyUI's model management sees in its list of
-    loaded models: the members below are the part of ComfyUI's ``LoadedModel`` that its
-    ``free_memory`` / ``cleanup_models`` / ``load_models_gpu`` read. ``currently_used`` is
-    always False so ComfyUI never tries to reload ours as one of its ModelPatchers.
-    """
+    """Our bookkeeping for one module on a compute device (plain Python only)."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         key = id(module)
-        self.real_model = weakref.ref(module, lambda _ref: _forget(key))
+        self.module = weakref.ref(module, lambda _ref: _RESIDENT.pop(key, None))
         self.device = device
-        self.size = module_bytes(module)
         self.busy = 0
-
-    # -- ComfyUI's LoadedModel protocol
-    @property
-    def model(self) -> "_PatcherView":
-        return _PatcherView(self)
-
-    @property
-    def currently_used(self) -> bool:
-        return False
-
-    @currently_used.setter
-    def currently_used(self, _value) -> None:
-        pass
-
-    def is_dead(self) -> bool:
-        return False
-
-    def model_memory(self) -> int:
-        return self.size
-
-    def model_loaded_memory(self) -> int:
-        return self.size
-
-    def model_offloaded_memory(self) -> int:
-        return 0
-
-    def model_memory_required(self, device) -> int:
-        return 0 if device == self.device else self.size
-
-    def model_use_more_vram(self, extra_memory, force_patch_weights=False) -> int:
-        return 0
-
-    def model_unload(self, memory_to_free=None, unpatch_weights=True) -> bool:
-        """Called by ComfyUI when it needs the memory; True when the module left the device
-        (ComfyUI then drops this entry from its list itself)."""
-        if self.busy:
-            return False
-        module = self.real_model()
-        if module is not None:
-            _RESIDENT.pop(id(module), None)
-            _move(module, runtime.offload_device())
-        return True
-
-
-class _PatcherView:
-    """What ComfyUI reads through ``LoadedModel.model`` (a ModelPatcher there)."""
-
-    def __init__(self, entry: _Resident):
-        self.model = entry.real_model()  # ComfyUI logs ``.model.model.__class__.__name__``
-        self.load_device = entry.device
-        self.offload_device = runtime.offload_device()
-        self.parent = None
-        self._size = entry.size
-
-    def is_clone(self, other) -> bool:
-        return False
-
-    def model_size(self) -> int:
-        return self._size
-
-    def loaded_size(self) -> int:
-        return self._size
-
-    def current_loaded_device(self):
-        return self.load_device
-
-    def model_patches_models(self) -> list:
-        return []
 
 
 # id(module) -> its entry, most recently used last
 _RESIDENT: "OrderedDict[int, _Resident]" = OrderedDict()
-
-
-def _forget(key: int) -> None:
-    entry = _RESIDENT.pop(key, None)
-    if entry is not None:
-        runtime.host_forget_model(entry)
 
 
 def _move(module: torch.nn.Module, device: torch.device) -> None:
@@ -152,65 +127,43 @@ def _evict_for(bytes_needed: int, device: torch.device) -> None:
             return
         if entry.busy or entry.device != device:
             continue
-        module = entry.real_model()
+        module = entry.module()
         if module is not None:
             release(module)
         else:  # collected a moment ago; its weakref callback may not have run yet
-            _forget(key)
-
-
-def _register(module: torch.nn.Module, device: torch.device) -> _Resident:
-    entry = _RESIDENT.get(id(module))
-    if entry is None or entry.real_model() is not module or entry.device != device:
-        if entry is not None:
-            runtime.host_forget_model(entry)
-        entry = _Resident(module, device)
-        _RESIDENT[id(module)] = entry
-        runtime.host_track_model(entry)
-    _RESIDENT.move_to_end(id(module))
-    return entry
+            _RESIDENT.pop(key, None)
 
 
 @contextlib.contextmanager
 def _using(module: torch.nn.Module, device: torch.device):
-    """The body runs with ``module`` resident on ``device`` and safe from eviction; afterwards it
-    stays for the next run unless ComfyUI was told to keep VRAM free (host_memory_policy)."""
-    entry = _register(module, device) if device.type != "cpu" else None
-    if entry is not None:
+    """The body runs with ``module`` resident on ``device`` and safe from eviction."""
+    entry = None
+    if device.type != "cpu":
+        entry = _RESIDENT.get(id(module))
+        if entry is None or entry.module() is not module or entry.device != device:
+            entry = _RESIDENT[id(module)] = _Resident(module, device)
+        _RESIDENT.move_to_end(id(module))
         entry.busy += 1
     try:
         yield "resident"
     finally:
         if entry is not None:
             entry.busy -= 1
-            if not entry.busy and runtime.host_memory_policy() != "normal":
-                release(module)
 
 
 @contextlib.contextmanager
-def on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str | None = None):
-    """Run the body with ``module`` on ``device``.
-
-    If it cannot fit even after evicting other models, and ``stream_blocks`` names a
-    ModuleList attribute, everything but those blocks moves to the device and the blocks
-    stream through one at a time.
-    """
-    device = _canonical(device)
-    if device.type == "cuda":
-        # GGUF weights are expanded on the GPU every step: use the compiled kernels there
-        # (idempotent; no-op when torch.compile cannot work, or QWENIMAGE_FUSED_DEQUANT=0).
-        dequant_cuda.enable()
+def _plain_on_device(module: torch.nn.Module, device: torch.device, stream_blocks: str | None):
+    """If ``module`` cannot fit even after evicting our other modules, and ``stream_blocks``
+    names a ModuleList attribute, everything but those blocks moves to the device and the
+    blocks stream through."""
     if device.type == "cpu" or _module_device(module) == device:
         with _using(module, device) as how:
             yield how
         return
     size = module_bytes(module)
     need = size + _HEADROOM
-    if runtime.free_device_memory(device) < need:
-        runtime.request_memory(int(need), device)
-        _evict_for(int(need), device)
-    fits = runtime.free_device_memory(device) >= need and runtime.host_memory_policy() != "stream"
-    if fits or stream_blocks is None:
+    _evict_for(int(need), device)
+    if runtime.free_device_memory(device) >= need or stream_blocks is None:
         _move(module, device)
         with _using(module, device) as how:
             yield how
@@ -243,7 +196,7 @@ def _streamed(module: torch.nn.Module, device: torch.device, stream_blocks: str,
 
 
 def release(module: torch.nn.Module) -> None:
-    """Move ``module`` back to the offload device (used before loading something big)."""
-    _forget(id(module))
+    """Move ``module`` back to the offload device (plain Python: used before loading something big)."""
+    _RESIDENT.pop(id(module), None)
     _move(module, runtime.offload_device())
     runtime.soft_empty_cache()

@@ -17,15 +17,25 @@ log = logging.getLogger("qwenimage")
 
 try:  # pragma: no cover - exercised only inside ComfyUI
     import folder_paths  # type: ignore
+    import comfy.model_base as _mb  # type: ignore
     import comfy.model_management as _mm  # type: ignore
+    import comfy.model_patcher as _mp  # type: ignore
+    import comfy.patcher_extension as _pe  # type: ignore
+    import comfy.supported_models as _sm  # type: ignore
     import comfy.utils as _cu  # type: ignore
 
     IN_COMFYUI = True
 except Exception:  # ImportError, or a half-initialised ComfyUI in odd test set-ups
-    folder_paths = None
-    _mm = None
-    _cu = None
+    folder_paths = _mb = _mm = _mp = _pe = _sm = _cu = None
     IN_COMFYUI = False
+
+# ComfyUI's own classes that ours derive from (None outside ComfyUI). Our ModelPatcher and our
+# MODEL are genuine subclasses of these, never look-alikes: ComfyUI reads new members of them
+# every month, and a subclass inherits each one.
+ModelPatcher = _mp.ModelPatcher if IN_COMFYUI else None
+QwenImageBaseModel = _mb.QwenImage if IN_COMFYUI else None
+ON_LOAD = _pe.CallbacksMP.ON_LOAD if IN_COMFYUI else "on_load_after"
+OUTER_SAMPLE = _pe.WrappersMP.OUTER_SAMPLE if IN_COMFYUI else "outer_sample"
 
 MODELS_DIR_ENV = "QWENIMAGE_MODELS_DIR"
 
@@ -203,43 +213,30 @@ def free_device_memory(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def request_memory(bytes_needed: int, device: torch.device) -> None:
-    """Ask the host to evict its own models so ``bytes_needed`` fits on ``device``."""
-    if IN_COMFYUI and device.type != "cpu":
-        _mm.free_memory(bytes_needed, device)
+def load_models(patchers: list, memory_required: int) -> None:
+    """Have ComfyUI load ``patchers`` (genuine ModelPatchers) onto their devices, evicting or
+    partially unloading whatever it must, exactly as for its own models."""
+    _mm.load_models_gpu(list(patchers), memory_required=int(memory_required))
 
 
-def host_memory_policy() -> str:
-    """How the user told ComfyUI to treat VRAM, for our models too: "normal" (keep what fits for
-    the next run), "release" (--disable-smart-memory: models leave the GPU after each use) or
-    "stream" (--novram: also stream the big models' blocks when they would fit)."""
-    if not IN_COMFYUI:
-        return "normal"
-    if getattr(getattr(_mm, "vram_state", None), "name", "") == "NO_VRAM":
-        return "stream"
-    return "release" if getattr(_mm, "DISABLE_SMART_MEMORY", False) else "normal"
+def qwen_model_config(dtype: torch.dtype):
+    """ComfyUI's Qwen-Image model configuration (sampling settings, latent format), for a model
+    whose diffusion model we supply ourselves rather than ComfyUI building its own."""
+    config = _sm.QwenImage({"image_model": "qwen_image", "disable_unet_model_creation": True})
+    config.set_inference_dtype(dtype, None)
+    return config
 
 
-def _host_models() -> list | None:
-    """ComfyUI's list of models on its devices, the one its ``free_memory`` evicts from."""
-    return getattr(_mm, "current_loaded_models", None) if IN_COMFYUI else None
+def diffusion_model_wrappers(transformer_options: dict, run):
+    """``run`` behind the DIFFUSION_MODEL wrappers other nodes registered (EasyCache, ...), the
+    way ComfyUI's own diffusion models call their forward."""
+    wrappers = _pe.get_all_wrappers(_pe.WrappersMP.DIFFUSION_MODEL, transformer_options)
+    return _pe.WrapperExecutor.new_executor(run, wrappers)
 
 
-def host_track_model(entry) -> None:
-    """List one of our resident modules (a ``placement._Resident``) with ComfyUI's models."""
-    models = _host_models()
-    if models is not None and not any(m is entry for m in models):
-        models.insert(0, entry)
-
-
-def host_forget_model(entry) -> None:
-    models = _host_models()
-    if models is None:
-        return
-    for i, m in enumerate(models):
-        if m is entry:  # by identity: ComfyUI's LoadedModel.__eq__ would compare the wrapped models
-            del models[i]
-            return
+def is_comfy_model(value) -> bool:
+    """A core MODEL (a ModelPatcher), as opposed to one of our handles."""
+    return IN_COMFYUI and isinstance(value, _mp.ModelPatcher)
 
 
 def soft_empty_cache() -> None:

@@ -230,10 +230,10 @@ def sample(
         progress.update(i + 1, image)
 
     _sync_loras(model)
-    with control_nodes.prepared(pos + (neg or []), h, w, device), \
-            placement.on_device(module, device, stream_blocks="transformer_blocks") as placed, \
+    nets = control_nodes.prepared(pos + (neg or []), h, w)
+    with placement.on_devices(device, (module, "transformer_blocks"), *[(net, None) for net in nets]) as placed, \
             torch.inference_mode(), speed_settings(model, device):
-        if placed == "resident" and model.loras:
+        if placed[0] == "resident" and model.loras:
             lora_bake.fold(module)  # dense GPU weights take the LoRA once instead of every step
         velocity = _Guided(module, device, pos, neg, cfg, sigmas=sigmas)
         x = fm.euler_sample(

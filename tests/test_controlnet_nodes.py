@@ -198,7 +198,8 @@ def test_outside_window_equals_uncontrolled_step(nodes, cn):
     pos, neg = _cond(3), _cond(4)
     cpos, cneg = _apply(nodes, cn, pos, neg, strength=1.0, start=0.5, end=0.75)
     sigmas = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.0])
-    with controlnet.prepared(sum((_cond_list(c) for c in (cpos, cneg)), []), 4, 4, "cpu"), torch.no_grad():
+    controlnet.prepared(sum((_cond_list(c) for c in (cpos, cneg)), []), 4, 4)
+    with torch.no_grad():
         ctrl, plain = _guided(nodes, cpos, cneg, sigmas), _guided(nodes, pos, neg, sigmas)
         x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(5))
         for step in range(4):  # diffusers' rule: step 2 of 4 only (2/4 >= 0.5 and 3/4 <= 0.75)

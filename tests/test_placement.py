@@ -1,5 +1,8 @@
-"""Placement of our modules on a (simulated) GPU: LRU eviction, busy modules kept, residency
-dropped with the module, and the entries ComfyUI's model management sees.
+"""Placement of our modules on a (simulated) GPU in plain Python (scripts, benchmarks): LRU
+eviction, busy modules kept, residency dropped with the module, streaming when nothing fits.
+
+Inside ComfyUI the same calls go through ComfyUI's own load_models_gpu with genuine
+ModelPatchers; tests/integration/memory_probe.py drives that against a real ComfyUI.
 
 No GPU here: a fake device records where each module "is" and how much memory is free, so the
 bookkeeping is tested without moving tensors.
@@ -18,17 +21,14 @@ GPU = torch.device("cuda", 0)
 
 
 class FakeGPU:
-    def __init__(self, monkeypatch, capacity: int, host: list | None = None):
+    def __init__(self, monkeypatch, capacity: int):
         self.capacity = capacity
         self.where: dict[int, torch.device] = {}
         self.sizes: dict[int, int] = {}
-        self.requests: list[int] = []
         monkeypatch.setattr(placement, "_HEADROOM", 0)
         monkeypatch.setattr(placement, "_move", self.move)
         monkeypatch.setattr(placement, "_module_device", lambda m: self.where.get(id(m), torch.device("cpu")))
         monkeypatch.setattr(runtime, "free_device_memory", self.free)
-        monkeypatch.setattr(runtime, "request_memory", lambda n, d: self.requests.append(n))
-        monkeypatch.setattr(runtime, "_host_models", lambda: host)
         monkeypatch.setattr(placement, "_RESIDENT", type(placement._RESIDENT)())
 
     def move(self, module, device):
@@ -59,7 +59,6 @@ def test_least_recently_used_is_evicted_first(monkeypatch):
     with placement.on_device(c, GPU):
         pass
     assert gpu.on_gpu(a) and gpu.on_gpu(c) and not gpu.on_gpu(b)
-    assert gpu.requests == [size]  # ComfyUI was asked first
 
 
 def test_a_module_in_use_is_never_evicted(monkeypatch):
@@ -74,57 +73,47 @@ def test_a_module_in_use_is_never_evicted(monkeypatch):
 
 
 def test_residency_ends_with_the_module(monkeypatch):
-    host: list = []
-    FakeGPU(monkeypatch, capacity=1 << 30, host=host)
+    FakeGPU(monkeypatch, capacity=1 << 30)
     m = _model()
     with placement.on_device(m, GPU):
-        assert len(host) == 1 and host[0].real_model() is m
+        assert len(placement._RESIDENT) == 1
     del m
     gc.collect()
-    assert host == [] and len(placement._RESIDENT) == 0
+    assert len(placement._RESIDENT) == 0
 
 
-def test_comfyui_sees_and_can_evict_our_models(monkeypatch):
-    """The entries follow the members of ComfyUI's LoadedModel that its free_memory uses."""
-    host: list = []
-    gpu = FakeGPU(monkeypatch, capacity=1 << 30, host=host)
-    m = _model()
-    with placement.on_device(m, GPU):
-        (entry,) = host
-        assert entry.device == GPU and not entry.is_dead()
-        assert entry.model_memory() == module_bytes(m) and entry.model_offloaded_memory() == 0
-        assert entry.model.model is m and entry.model.model.__class__.__name__ == "Linear"
-        assert entry.model.is_clone(object()) is False
-        entry.currently_used = True  # ComfyUI sets it; ours must never be reloaded as a ModelPatcher
-        assert entry.currently_used is False
-        assert entry.model_unload(memory_to_free=10) is False  # busy: refused
-        assert gpu.on_gpu(m)
-    assert entry.model_unload(memory_to_free=10) is True
-    assert not gpu.on_gpu(m) and id(m) not in placement._RESIDENT
-    host.remove(entry)  # ComfyUI pops what it unloaded
-    with placement.on_device(m, GPU):  # placed again: listed again
-        assert len(host) == 1 and host[0] is not entry and gpu.on_gpu(m)
-
-
-def test_our_eviction_updates_comfyuis_list(monkeypatch):
-    host: list = []
+def test_modules_placed_together_are_all_kept(monkeypatch):
+    """The edit encoder needs the text encoder and the vision tower at once: loading the second
+    must not evict the first."""
     a, b = _model(), _model()
-    gpu = FakeGPU(monkeypatch, capacity=module_bytes(a), host=host)
+    gpu = FakeGPU(monkeypatch, capacity=module_bytes(a))
+    with placement.on_devices(GPU, (a, None), (b, None)) as how:
+        assert how == ["resident", "resident"] and gpu.on_gpu(a) and gpu.on_gpu(b)
+
+
+def test_release_forgets_and_moves(monkeypatch):
+    a = _model()
+    gpu = FakeGPU(monkeypatch, capacity=1 << 30)
     with placement.on_device(a, GPU):
         pass
-    with placement.on_device(b, GPU):
-        pass
-    assert not gpu.on_gpu(a) and [e.real_model() for e in host] == [b]
-    placement.release(b)
-    assert host == [] and not gpu.on_gpu(b)
+    placement.release(a)
+    assert not gpu.on_gpu(a) and len(placement._RESIDENT) == 0
 
 
 def test_cpu_placement_tracks_nothing(monkeypatch):
-    host: list = []
-    FakeGPU(monkeypatch, capacity=0, host=host)
+    FakeGPU(monkeypatch, capacity=0)
     with placement.on_device(_model(), torch.device("cpu")) as how:
         assert how == "resident"
-    assert host == [] and len(placement._RESIDENT) == 0
+    assert len(placement._RESIDENT) == 0
+
+
+def test_a_big_model_streams_its_blocks(monkeypatch):
+    FakeGPU(monkeypatch, capacity=16)
+    seen = []
+    monkeypatch.setattr(placement, "_streamed", lambda m, d, s, size: _record(seen, s))
+    with placement.on_device(_model(), GPU, stream_blocks="blocks") as how:
+        assert how == "streamed"
+    assert seen == ["blocks"]
 
 
 def test_text_encoder_streams_when_it_does_not_fit(monkeypatch):
@@ -155,24 +144,3 @@ def _record(seen, stream_blocks):
 
     seen.append(stream_blocks)
     return contextlib.nullcontext("streamed")
-
-
-def test_comfyuis_disable_smart_memory_releases_ours_after_use(monkeypatch):
-    gpu = FakeGPU(monkeypatch, capacity=1 << 30)
-    monkeypatch.setattr(runtime, "host_memory_policy", lambda: "release")
-    outer, inner = _model(), _model()
-    with placement.on_device(outer, GPU):
-        with placement.on_device(inner, GPU):
-            assert gpu.on_gpu(outer) and gpu.on_gpu(inner)
-        assert not gpu.on_gpu(inner) and gpu.on_gpu(outer)  # the outer one is still working
-    assert not gpu.on_gpu(outer) and len(placement._RESIDENT) == 0
-
-
-def test_comfyuis_novram_streams_even_what_would_fit(monkeypatch):
-    FakeGPU(monkeypatch, capacity=1 << 30)
-    monkeypatch.setattr(runtime, "host_memory_policy", lambda: "stream")
-    seen = []
-    monkeypatch.setattr(placement, "_streamed", lambda m, d, s, size: _record(seen, s))
-    with placement.on_device(_model(), GPU, stream_blocks="blocks") as how:
-        assert how == "streamed"
-    assert seen == ["blocks"]

@@ -1,5 +1,9 @@
-"""Run by test_comfyui_memory.py in ComfyUI's own Python: our resident models against ComfyUI's
-real model management (comfy.model_management), on a simulated GPU.
+"""Run by test_comfyui_memory.py in ComfyUI's own Python: our models managed by ComfyUI's real
+model management (comfy.model_management, comfy.model_patcher) on a simulated GPU.
+
+The simulated GPU is the ``meta`` device: ComfyUI treats it as a compute device of its own
+(not the CPU), a core model really moves there, and ours are recorded as moved by replacing the
+one function our patcher moves weights with. Free memory is computed from what sits there.
 
 argv: <ComfyUI checkout> <this pack's checkout>. Prints one JSON line of observations.
 """
@@ -18,18 +22,21 @@ import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
 import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
 import torch  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("qwenimage_pack", f"{pack_dir}/__init__.py",
                                               submodule_search_locations=[pack_dir])
 sys.modules["qwenimage_pack"] = importlib.util.module_from_spec(spec)
 from qwenimage_pack.model_defs.offload import module_bytes  # noqa: E402
-from qwenimage_pack.nodes import placement, runtime  # noqa: E402
+from qwenimage_pack.nodes import patcher, placement, runtime  # noqa: E402
 
-GPU = torch.device("cuda", 0)
-CAPACITY = 3 * 4 * 64 * 64  # room for three of the Linear(64, 64) models below
+GPU = torch.device("meta")
+UNIT = 4 * 64 * 64  # one Linear(64, 64)
+CAPACITY = 4 * UNIT
 where: dict[int, torch.device] = {}
 sizes: dict[int, int] = {}
+core_modules: list = []
 
 
 def move(module, device):
@@ -37,53 +44,130 @@ def move(module, device):
     sizes[id(module)] = module_bytes(module)
 
 
-def free(device, torch_free_too=False):
-    left = CAPACITY - sum(sizes[k] for k, d in where.items() if d == device)
+def free(device=None, torch_free_too=False):
+    ours = sum(sizes[k] for k, d in where.items() if d == GPU)
+    core = sum(module_bytes(m) for m in core_modules if next(m.parameters()).device == GPU)
+    left = CAPACITY - ours - core
     return (left, left) if torch_free_too else left
 
 
+patcher._move = move
+mm.get_torch_device = lambda: GPU  # our loaders' and ComfyUI's "the GPU"
+mm.get_all_torch_devices = lambda exclude_current=False: [GPU]
+runtime.offload_device = lambda: torch.device("cpu")
 placement._HEADROOM = 0
-placement._move = move
-placement._module_device = lambda m: where.get(id(m), torch.device("cpu"))
-runtime.free_device_memory = free
 mm.get_free_memory = free
+mm.minimum_inference_memory = lambda: 0
+mm.EXTRA_RESERVED_VRAM = 0
+mm.vram_state = mm.VRAMState.NORMAL_VRAM
+mm.lowvram_available = True
 mm.DISABLE_SMART_MEMORY = False
+
+
+def on_gpu(m) -> bool:
+    return where.get(id(m)) == GPU
+
+
+def ours_listed() -> int:
+    """Our models ComfyUI lists as holding device memory."""
+    return sum(isinstance(lm.model, patcher.QwenImagePatcher) and lm.model_loaded_memory() > 0
+               for lm in mm.current_loaded_models)
+
 
 out = {"in_comfyui": runtime.IN_COMFYUI}
 a, b, c = (torch.nn.Linear(64, 64, bias=False) for _ in range(3))
+owners = {id(m): placement.manage(m) for m in (a, b, c)}  # what the loaders do; the handles keep them
+out["genuine_patchers"] = all(isinstance(o, comfy.model_patcher.ModelPatcher) for o in owners.values())
 for m in (a, b):
     with placement.on_device(m, GPU):
         pass
-out["listed"] = len(mm.current_loaded_models)
-out["currently_used"] = len(mm.loaded_models(only_currently_used=True))
+out["listed"] = ours_listed()
+out["loaded_sizes"] = sorted(lm.model_loaded_memory() for lm in mm.current_loaded_models)
 
-# ComfyUI needs two models' worth while ``a`` is working: only ``b`` may go.
-with placement.on_device(a, GPU):
-    unloaded = mm.free_memory(3 * sizes[id(a)], GPU)
-    out["freed_while_a_busy"] = len(unloaded)
-    out["a_kept"] = where[id(a)] == GPU
-    out["b_evicted"] = where[id(b)] != GPU
-out["listed_after_free"] = len(mm.current_loaded_models)
+# ComfyUI's per-node clean-ups (run after every node with DynamicVRAM), pin budget, and its
+# memory free for a model of two units: one of ours must go.
+for cleanup in ("reset_cast_buffers", "cleanup_models_gc", "cleanup_models"):
+    if hasattr(mm, cleanup):  # reset_cast_buffers: ComfyUI 0.30, after every node
+        getattr(mm, cleanup)()
+if hasattr(mm, "free_pins"):  # ComfyUI 0.30's pinned-memory budget
+    mm.free_pins(1 << 30)
+unloaded = mm.free_memory(3 * UNIT, GPU)
+out["evicted_for_room"] = len(unloaded)
+out["one_left_on_gpu"] = on_gpu(a) != on_gpu(b)
 
-# The "Unload models" button (free everything on the device).
-with placement.on_device(c, GPU):
+# A core model that needs the whole device forces ours out.
+class _LeavesMetaEmpty:
+    """A core model's parts; leaving the meta device they come back empty (meta holds no data)."""
+
+    def to(self, device, *args, **kwargs):
+        if torch.device(device) != GPU and any(p.device == GPU for p in self.parameters()):
+            return self.to_empty(device=device)
+        return super().to(device, *args, **kwargs)
+
+
+class CoreLinear(_LeavesMetaEmpty, torch.nn.Linear):
     pass
-mm.free_memory(1e30, GPU)
-out["all_unloaded"] = all(d != GPU for d in where.values()) and not mm.current_loaded_models
+
+
+class CoreNet(_LeavesMetaEmpty, torch.nn.Sequential):
+    pass
+
+
+core = CoreNet(*(CoreLinear(64, 64, bias=False) for _ in range(3)))
+core_modules.append(core)
+core_patcher = comfy.model_patcher.ModelPatcher(core, load_device=GPU, offload_device=torch.device("cpu"))
+mm.load_models_gpu([core_patcher])
+out["core_loaded"] = next(core.parameters()).device == GPU
+out["ours_out_for_core"] = not on_gpu(a) and not on_gpu(b) and ours_listed() == 0
+
+# Ours again: ComfyUI now moves the core model out for it.
+with placement.on_device(c, GPU):
+    out["ours_in_core_out"] = on_gpu(c) and next(core.parameters()).device != GPU
+
+# "Unload models" (what POST /free does), and multi-GPU's unload of one model and its clones.
+mm.unload_all_models()
+out["all_unloaded"] = not any(on_gpu(m) for m in (a, b, c)) and ours_listed() == 0
+if hasattr(mm, "unload_model_and_clones"):
+    with placement.on_device(a, GPU):
+        pass
+    mm.unload_model_and_clones(owners[id(a)])
+    out["unload_model_and_clones"] = not on_gpu(a)
+else:
+    out["unload_model_and_clones"] = True  # ComfyUI 0.3.64 has no multi-GPU clones
+
+# Partial loading (here forced by --novram, which gives every model a near-zero budget): a model
+# with blocks streams them.
+streamed = []
+
+
+class FakeStreamer:
+    def __init__(self, blocks, device, offload, prefetch=1, keep=0):
+        streamed.append((len(blocks), keep))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+patcher.BlockStreamer = FakeStreamer
+big = torch.nn.Module()
+big.blocks = torch.nn.ModuleList(torch.nn.Linear(64, 64, bias=False) for _ in range(8))
+big_owner = placement.manage(big, "blocks")
+mm.vram_state = mm.VRAMState.NO_VRAM
+with placement.on_device(big, GPU) as how:
+    out["big_model"] = how
+mm.vram_state = mm.VRAMState.NORMAL_VRAM
+out["streamed_blocks"] = streamed[-1][0] if streamed else None
 
 # A model the graph dropped leaves ComfyUI's list with it.
+mm.unload_all_models()
 with placement.on_device(a, GPU):
     pass
-del a
+del a, owners
 gc.collect()
 mm.cleanup_models_gc()
 mm.cleanup_models()
-out["dropped_model_forgotten"] = not mm.current_loaded_models and not placement._RESIDENT
-# ComfyUI's VRAM flags, read from its own settings.
-policies = [runtime.host_memory_policy()]
-mm.DISABLE_SMART_MEMORY = True  # --disable-smart-memory
-policies.append(runtime.host_memory_policy())
-mm.vram_state = mm.VRAMState.NO_VRAM  # --novram
-policies.append(runtime.host_memory_policy())
-out["policies"] = policies
+out["dropped_model_forgotten"] = ours_listed() == 0
 print(json.dumps(out))

@@ -1,0 +1,153 @@
+"""Our MMDiT as a ComfyUI MODEL, so every core sampler path runs it.
+
+``QwenImageComfyModel`` is a genuine subclass of ComfyUI's own Qwen-Image model class
+(``comfy.model_base.QwenImage``): its model sampling, latent format, conditioning (reference
+latents, attention masks), memory estimate and every member ComfyUI reads are ComfyUI's. Only
+the diffusion model is ours: ``diffusion_model`` is our MMDiT (its parameter names are
+diffusers' keys, which are also ComfyUI's, so core LoRA loaders find their weights), and
+``_apply_model`` calls it with our exact math (odd-grid RoPE, fp8 matmul, GGUF kernels, our
+LoRA patches). What ComfyUI threads through a diffusion model is honoured:
+
+- ``DIFFUSION_MODEL`` wrappers (EasyCache, ...) wrap our forward as they wrap ComfyUI's;
+- ``double_block`` patches (core ``QwenImageDiffsynthControlnet``) and core ControlNet residuals
+  (``control["input"]``) are applied after each block, on the image stream, as ComfyUI does;
+- block replacement (``patches_replace["dit"]``) is refused by name.
+
+The loader makes one per MMDiT; it is the model its ModelPatcher manages, so the MODEL output
+is a clone of that patcher and our own sampler and core samplers share one copy of the weights.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..model_defs.weights import lora
+from . import placement, runtime
+from .handles import MODEL_TYPE
+from .options import speed_settings
+
+
+def _context_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """ComfyUI's attention mask (1/0, or additive 0 / -large) -> ours: True for real tokens."""
+    if mask is None:
+        return None
+    keep = mask > -1 if mask.is_floating_point() else mask.bool()
+    keep = keep.reshape(keep.shape[0], -1)
+    return None if bool(keep.all()) else keep
+
+
+def _single_frame(latent: torch.Tensor) -> torch.Tensor:
+    return latent[:, :, 0] if latent.ndim == 5 and latent.shape[2] == 1 else latent
+
+
+def _block_hook(control, transformer_options: dict, x: torch.Tensor):
+    """Our MMDiT's per-block hook doing what ComfyUI's Qwen-Image model does after each block."""
+    if transformer_options.get("patches_replace", {}).get("dit"):
+        raise ValueError("a node patched this MODEL by replacing Qwen-Image transformer blocks "
+                         "(patches_replace 'dit'); our Qwen-Image MODEL does not support block replacement")
+    patches = list(transformer_options.get("patches", {}).get("double_block", []))
+    residuals = list(control.get("input") or []) if isinstance(control, dict) else []
+    if not patches and not any(r is not None for r in residuals):
+        return None
+
+    def hook(i: int, img: torch.Tensor) -> torch.Tensor:
+        transformer_options["block_index"] = i
+        for patch in patches:
+            img = patch({"img": img, "txt": None, "x": x, "block_index": i,
+                         "transformer_options": transformer_options})["img"]
+        if i < len(residuals) and residuals[i] is not None:
+            add = residuals[i]
+            img[:, :add.shape[1]] += add.to(img.dtype)
+        return img
+
+    return hook
+
+
+if runtime.QwenImageBaseModel is not None:
+
+    class QwenImageComfyModel(runtime.QwenImageBaseModel):
+        """ComfyUI's Qwen-Image model with our MMDiT as its diffusion model."""
+
+        def __init__(self, mmdit: torch.nn.Module):
+            super().__init__(runtime.qwen_model_config(mmdit.compute_dtype))
+            self.diffusion_model = mmdit
+            self.qwen_stream_blocks = "transformer_blocks"
+
+        def qwen_module(self) -> torch.nn.Module:
+            return self.diffusion_model
+
+        def get_dtype(self) -> torch.dtype:
+            return self.diffusion_model.compute_dtype
+
+        def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+            if c_concat is not None:
+                raise ValueError("Qwen-Image takes no concat conditioning (an inpainting model's mask/image input); "
+                                 "use a LATENT noise_mask or an inpainting ControlNet")
+            sigma = t
+            xc = self.model_sampling.calculate_input(sigma, x)
+            timestep = self.model_sampling.timestep(t).float()
+            refs = kwargs.get("ref_latents")
+
+            def forward(x, timestep, context, attention_mask, ref_latents, transformer_options, **_extra):
+                return self.diffusion_model(
+                    x, timestep, context.to(x.device),
+                    context_mask=_context_mask(attention_mask),
+                    ref_latents=[_single_frame(r).to(x.device) for r in ref_latents] if ref_latents else None,
+                    control=_block_hook(control, transformer_options, x),
+                )
+
+            options = dict(transformer_options)
+            out = runtime.diffusion_model_wrappers(options, forward).execute(
+                xc, timestep, c_crossattn, kwargs.get("attention_mask"), refs, options)
+            return self.model_sampling.calculate_denoised(sigma, out.float(), x)
+
+else:
+    QwenImageComfyModel = None
+
+
+def comfy_model_for(mmdit: torch.nn.Module):
+    """The ComfyUI model object a loaded MMDiT is managed as (None outside ComfyUI)."""
+    return QwenImageComfyModel(mmdit) if QwenImageComfyModel is not None else None
+
+
+def _outer_sample(handle, executor, *args, **kwargs):
+    """Around a core sampler's run: this handle's LoRAs and speed options, as our sampler does."""
+    lora.apply_loras(handle.module, [(weights, strength) for _, weights, strength in handle.loras])
+    with speed_settings(handle, runtime.compute_device()):
+        return executor(*args, **kwargs)
+
+
+def as_comfy_model(handle):
+    """A core MODEL (a clone of the handle's ModelPatcher) that runs this handle's model."""
+    if not runtime.IN_COMFYUI:
+        raise RuntimeError("'Qwen-Image as ComfyUI MODEL' gives a ComfyUI MODEL and needs ComfyUI to run")
+    owner = handle.owners[0] if handle.owners else placement.manage(
+        handle.module, "transformer_blocks", model=comfy_model_for(handle.module))
+    model = owner.clone()
+    model.add_wrapper_with_key(runtime.OUTER_SAMPLE, "qwenimage", functools.partial(_outer_sample, handle))
+    return model
+
+
+class QwenImageAsComfyModel:
+    CATEGORY = "Qwen-Image/model"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("MODEL",)
+    FUNCTION = "convert"
+    DESCRIPTION = (
+        "Gives this Qwen-Image model to ComfyUI's own nodes as a MODEL: KSampler, SamplerCustomAdvanced with any "
+        "sampler and scheduler, ModelSamplingAuraFlow, CFGNorm, EasyCache, DifferentialDiffusion, core LoRA "
+        "loaders (bf16 / fp16 weights) and QwenImageDiffsynthControlnet. The model's math stays ours; LoRAs and "
+        "speed options attached before this node apply."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": (MODEL_TYPE,)}}
+
+    def convert(self, model):
+        return (as_comfy_model(model),)
+
+
+NODE_CLASS_MAPPINGS = {"QwenImageAsComfyModel": QwenImageAsComfyModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"QwenImageAsComfyModel": "Qwen-Image as ComfyUI MODEL"}
