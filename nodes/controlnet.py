@@ -12,6 +12,7 @@ the latent's aspect ratio, then resized (antialiased bilinear) to the latent's p
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model_defs import latent_format as lf
-from ..model_defs.controlnet import DIFFSYNTH, INSTANTX, AppliedControl
-from ..model_defs.weights.keys_controlnet import load_controlnet
+from ..model_defs.controlnet import DIFFSYNTH, INSTANTX, AppliedControl, DiffSynthControlNet
+from ..model_defs.weights.keys_controlnet import diffsynth_config, flavour, load_controlnet
 from . import placement, runtime
 from .handles import VAE_TYPE
 from .latents import vae_dtype
@@ -109,6 +110,34 @@ class QwenImageControlNetLoader:
                                  compute_dtype=runtime.compute_dtype(runtime.compute_device()))
         owners = tuple(o for o in [placement.manage(module)] if o is not None)
         return (ControlNet(module=module, name=Path(controlnet_name).name, owners=owners),)
+
+
+# Core MODEL_PATCH (a ModelPatcher) -> our ControlNet handle, built once per patch.
+_FROM_PATCH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def from_model_patch(model_patch) -> ControlNet:
+    """Our DiffSynth ControlNet with the weights of a core 'Load Model Patch' output.
+
+    ComfyUI's DiffSynth patch module keeps the file's tensor names, which are ours too."""
+    cached = _FROM_PATCH.get(model_patch)
+    if cached is not None:
+        return cached
+    inner = model_patch.model
+    state = inner.state_dict()
+    names = list(state)
+    if flavour(names) != DIFFSYNTH:
+        raise ValueError(
+            f"this MODEL_PATCH holds {type(inner).__name__}, not a Qwen-Image DiffSynth ControlNet patch; "
+            "load a Qwen-Image ControlNet (qwen_image_*_diffsynth_controlnet, InstantX) with 'Load Qwen-Image ControlNet'"
+        )
+    module = DiffSynthControlNet(**diffsynth_config({k: tuple(v.shape) for k, v in state.items()}))
+    module.load_state_dict(state, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+    owners = tuple(o for o in [placement.manage(module)] if o is not None)
+    handle = ControlNet(module=module, name=f"{type(inner).__name__} (core model patch)", owners=owners)
+    _FROM_PATCH[model_patch] = handle
+    return handle
 
 
 # ------------------------------------------------------------------------------------ images
@@ -255,7 +284,7 @@ class QwenImageControlNetApply:
             "required": {
                 "positive": ("CONDITIONING",),
                 "negative": ("CONDITIONING",),
-                "controlnet": (CONTROLNET_TYPE,),
+                "controlnet": (f"{CONTROLNET_TYPE},MODEL_PATCH", {"tooltip": "From 'Load Qwen-Image ControlNet', or a DiffSynth patch from core 'Load Model Patch'."}),
                 "vae": (VAE_TYPE,),
                 "image": ("IMAGE", {"tooltip": "Control map (canny, depth, pose, ...) or, for inpainting, the image to repaint."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_STRENGTH, "step": 0.01}),
@@ -266,6 +295,8 @@ class QwenImageControlNetApply:
         }
 
     def apply(self, positive, negative, controlnet, vae, image, strength, start_percent, end_percent, mask=None):
+        if runtime.is_comfy_model(controlnet):
+            controlnet = from_model_patch(controlnet)
         if not isinstance(controlnet, ControlNet):
             raise ValueError("controlnet must come from 'Load Qwen-Image ControlNet' (a ComfyUI CONTROL_NET does not fit here)")
         strength = _check_number(strength, "strength", 0.0, MAX_STRENGTH)

@@ -186,6 +186,12 @@ def sample(
     device: torch.device | None = None,
 ) -> dict:
     """Run the sampler; the node and scripts share this function."""
+    if runtime.is_comfy_model(model):
+        raise ValueError(
+            f"this sampler takes a Qwen-Image model from 'Load Qwen-Image Diffusion Model', but got a ComfyUI MODEL "
+            f"({type(model.model).__name__}); sample a ComfyUI MODEL with KSampler, or load the Qwen-Image file with "
+            "our loader"
+        )
     if sampler_name not in SAMPLERS:
         raise ValueError(f"sampler_name must be one of {SAMPLERS}; got {sampler_name!r}")
     if not isinstance(latent_image, dict) or "samples" not in latent_image:

@@ -1,0 +1,180 @@
+"""Run by test_comfyui_bridge.py in ComfyUI's own Python: our model given to ComfyUI's core
+samplers through 'Qwen-Image as ComfyUI MODEL' (a tiny random MMDiT, fp32, CPU).
+
+argv: <ComfyUI checkout> <this pack's checkout>. Prints one JSON line of observations.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+comfy_dir, pack_dir = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, comfy_dir)
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import torch  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("qwenimage_pack", f"{pack_dir}/__init__.py",
+                                              submodule_search_locations=[pack_dir])
+sys.modules["qwenimage_pack"] = importlib.util.module_from_spec(spec)
+from qwenimage_pack.model_defs import sampling as fm  # noqa: E402
+from qwenimage_pack.model_defs import schedule  # noqa: E402
+from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
+from qwenimage_pack.nodes import comfy_model, placement, sampling  # noqa: E402
+from qwenimage_pack.nodes.handles import DiffusionModel  # noqa: E402
+
+TEXT_DIM, H, W, SEED, STEPS = 48, 6, 8, 7, 4
+
+
+def tiny_handle(zero_cond_t: bool = False) -> DiffusionModel:
+    torch.manual_seed(0)
+    cfg = MMDiTConfig(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                      axes_dims_rope=(8, 12, 12), zero_cond_t=zero_cond_t)
+    module = QwenImageMMDiT(cfg).float().eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.05)  # every layer active (zero-initialised gates would hide mistakes)
+    owner = placement.manage(module, "transformer_blocks", model=comfy_model.comfy_model_for(module))
+    return DiffusionModel(module=module, name="tiny", variant="qwen-image", weight_format="fp32", owners=(owner,))
+
+
+def conditioning(seed: int, refs=None):
+    ctx = torch.randn(1, 5, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+    extra = {} if refs is None else {"reference_latents": refs}
+    return [[ctx, extra]]
+
+
+def ours(handle, positive, steps=STEPS):
+    latent = {"samples": torch.zeros(1, 16, H, W)}
+    return sampling.sample(handle, positive, latent, SEED, steps, 1.0, "constant", 3.0)["samples"]
+
+
+def core_custom(model, positive, steps=STEPS):
+    """Core SamplerCustomAdvanced's call: the same sigmas and noise, euler, cfg 1."""
+    sigmas = schedule.flow_sigmas(steps, "constant", 3.0, schedule.image_seq_len(H, W))
+    noise = fm.initial_noise(SEED, 1, H, W)[:, :, None]
+    latent = torch.zeros(1, 16, 1, H, W)
+    sampler = comfy.samplers.sampler_object("euler")
+    out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, positive, positive, latent,
+                                     disable_pbar=True, seed=SEED)
+    return out[:, :, 0]
+
+
+def core_ksampler(model, sampler_name: str, cfg: float = 2.5):
+    noise = comfy.sample.prepare_noise(torch.zeros(1, 16, 1, H, W), SEED)
+    return comfy.sample.sample(model, noise, STEPS, cfg, sampler_name, "simple", conditioning(1), conditioning(2),
+                               torch.zeros(1, 16, 1, H, W), disable_pbar=True, seed=SEED)
+
+
+def max_diff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+out = {}
+handle = tiny_handle()
+model = comfy_model.as_comfy_model(handle)
+out["is_model_patcher"] = isinstance(model, comfy.model_patcher.ModelPatcher)
+out["model_class"] = type(model.model).__mro__[1].__name__
+
+# 1. Core euler with our sigmas and noise == our sampler.
+pos = conditioning(1)
+out["custom_vs_ours"] = max_diff(core_custom(model, pos), ours(handle, pos)) < 1e-3
+
+# 2. KSampler with multistep samplers runs and stays finite.
+for name in ("dpmpp_2m", "res_multistep"):
+    out[f"ksampler_{name}_finite"] = bool(torch.isfinite(core_ksampler(model, name)).all())
+
+# 3. ModelSamplingAuraFlow (an object patch on model_sampling) is honoured.
+import comfy_extras.nodes_model_advanced as advanced  # noqa: E402
+
+patched = advanced.ModelSamplingAuraFlow().patch_aura(model, 3.1)
+patched = patched[0] if isinstance(patched, tuple) else patched.result[0]  # 0.30's nodes return NodeOutput
+out["auraflow_differs"] = max_diff(core_ksampler(patched, "euler"), core_ksampler(model, "euler")) > 1e-6
+
+# 4. Edit conditioning: core reference latents == ours.
+ref = torch.randn(1, 16, 1, H, W, generator=torch.Generator().manual_seed(3))
+pos_ref = conditioning(1, refs=[ref])
+out["reference_latents_vs_ours"] = max_diff(core_custom(model, pos_ref), ours(handle, pos_ref)) < 1e-3
+
+# 5. A double_block patch (what core QwenImageDiffsynthControlnet installs) runs after each block.
+seen_blocks = []
+
+
+def patch(args):
+    seen_blocks.append(args["block_index"])
+    args["img"] = args["img"] * 1.0
+    return args
+
+
+controlled = model.clone()
+controlled.set_model_double_block_patch(patch)
+core_custom(controlled, pos, steps=1)
+out["double_block_patch_blocks"] = seen_blocks
+
+# 6. A core LoRA-style weight patch on a dense weight == the same change made by hand, and the
+#    file's weight is back once ComfyUI unloads the model.
+key = "diffusion_model.proj_out.weight"
+layer = handle.module.proj_out
+orig = layer.weight.detach().clone()
+delta = torch.randn(64, 64, generator=torch.Generator().manual_seed(4))
+plain = core_custom(model, pos)
+lora_model = model.clone()
+lora_model.add_patches({key: (delta,)}, 1.0)
+with_core_patch = core_custom(lora_model, pos)
+out["core_weight_patch_changes_image"] = max_diff(with_core_patch, plain) > 1e-3
+comfy.model_management.unload_all_models()
+out["weights_restored_after_unload"] = torch.equal(layer.weight, orig)
+with torch.no_grad():
+    layer.weight += delta
+by_hand = ours(handle, pos)
+with torch.no_grad():
+    layer.weight.copy_(orig)
+out["core_weight_patch_vs_by_hand"] = max_diff(with_core_patch, by_hand) < 1e-3
+
+# 7. The same patch on a scaled-fp8 layer is refused with a message naming the way that works.
+layer.weight_scale = torch.tensor(1.0)
+try:
+    core_custom(lora_model, pos, steps=1)
+    out["fp8_patch_refused"] = "no error"
+except ValueError as err:
+    out["fp8_patch_refused"] = "Load Qwen-Image LoRA" in str(err)
+layer.weight_scale = None
+
+# 8. Our sampler refuses a core MODEL with a message naming what it got.
+try:
+    ours(model, pos)
+    out["core_model_in_our_sampler"] = "no error"
+except ValueError as err:
+    out["core_model_in_our_sampler"] = "ComfyUI MODEL" in str(err)
+# 9. A DiffSynth patch from core 'Load Model Patch' (MODEL_PATCH) becomes our ControlNet, weights intact.
+import comfy.ops  # noqa: E402
+from comfy_extras.nodes_model_patch import QwenImageBlockWiseControlNet  # noqa: E402
+from qwenimage_pack.nodes import controlnet as control_nodes  # noqa: E402
+
+torch.manual_seed(5)
+core_patch_module = QwenImageBlockWiseControlNet(num_layers=2, dim=64, operations=comfy.ops.manual_cast)
+with torch.no_grad():
+    for p in core_patch_module.parameters():  # ComfyUI's layers skip initialisation: fill them
+        p.normal_()
+core_patch = comfy.model_patcher.ModelPatcher(core_patch_module, load_device=torch.device("cpu"),
+                                              offload_device=torch.device("cpu"))
+converted = control_nodes.from_model_patch(core_patch)
+theirs = core_patch_module.state_dict()
+mine = converted.module.state_dict()
+out["model_patch_converted"] = (converted.kind == "diffsynth" and sorted(mine) == sorted(theirs)
+                                and all(torch.equal(mine[k], theirs[k]) for k in theirs))
+try:
+    control_nodes.from_model_patch(comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"),
+                                                                    torch.device("cpu")))
+    out["foreign_model_patch_refused"] = "no error"
+except ValueError as err:
+    out["foreign_model_patch_refused"] = "not a Qwen-Image DiffSynth ControlNet patch" in str(err)
+print(json.dumps(out))
