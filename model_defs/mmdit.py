@@ -152,13 +152,15 @@ class FeedForward(nn.Module):
 def _project(layer: Linear, x: torch.Tensor, s: float = 1.0) -> torch.Tensor:
     """``layer`` applied to an input scaled by ``s``, giving ``s * layer(x / s)``.
 
-    Only the bias is not homogeneous, so it is rescaled afterwards. With ``s != 1`` (float16
-    only) infinities are also clipped, as diffusers does, so a stray overflow stays finite.
+    Only the input-independent part (the bias and the bias deltas LoRAs add) is not
+    homogeneous, so it is rescaled afterwards. With ``s != 1`` (float16 only) infinities are
+    also clipped, as diffusers does, so a stray overflow stays finite.
     """
     y = layer(x)
     if s != 1.0:
-        if layer.bias is not None:
-            y = y.sub_(layer.bias.to(device=y.device, dtype=y.dtype) * (1.0 - s))
+        constant = layer.constant_term(y.dtype, y.device)
+        if constant is not None:
+            y = y.sub_(constant * (1.0 - s))
         y = y.clamp_(-FP16_MAX, FP16_MAX)
     return y
 

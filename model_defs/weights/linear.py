@@ -115,6 +115,26 @@ class Linear(_CompactWeight, nn.Linear):
     def remove_patch(self, name: str) -> None:
         self.patches.pop(name, None)
 
+    def constant_term(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """What ``forward`` adds whatever the input: the bias plus the bias deltas of the active
+        patches (a patch with one exposes it as ``patch.constant_term(dtype, device)``; other
+        patches are linear in ``x``). None when there is none.
+
+        ``s * self(x / s) == self(x * s) - (1 - s) * constant_term``: the float16 path
+        (mmdit._project) runs on down-scaled inputs and must undo the scale on exactly this part.
+        Folded patches (``baked``) are part of the weight, not added in ``forward``: skipped."""
+        total = None
+        if self.bias is not None:
+            total = self.bias.to(device=device, dtype=dtype)
+        for name, patch in self.patches.items():
+            term = getattr(patch, "constant_term", None)
+            if term is None or self.baked.get(name) is patch:
+                continue
+            c = term(dtype, device)
+            if c is not None:
+                total = c if total is None else total + c
+        return total
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = None
         if self.weight.dtype in FP8_DTYPES and fp8_matmul.is_enabled():

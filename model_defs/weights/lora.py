@@ -167,6 +167,14 @@ class LoraPatch:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.layer.add_to(x, y, self.strength)
 
+    def constant_term(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The input-independent part of what this patch adds (``strength * diff_b``), or None:
+        see ``Linear.constant_term``."""
+        if self.layer.diff_b is None:
+            return None
+        _, bias = self.layer._ready(torch.device(device), dtype)
+        return bias * self.strength
+
     def __repr__(self) -> str:
         return f"LoraPatch({self.layer.kind}, rank={self.layer.rank}, strength={self.strength})"
 
