@@ -36,12 +36,19 @@ def file_view(module: nn.Module, name: str) -> torch.Tensor | None:
 
 
 def move(module: nn.Module, device) -> None:
-    """``module.to(device)``; to the CPU, parameters with a file view return to it uncopied.
+    """``module.to(device)``; to the CPU, parameters with a file view return to it uncopied,
+    and the device copies of the LoRAs patched into ``module`` are freed.
 
     A pinned CPU copy (made by the block streamer for fast uploads, and reused by its next run)
     is left alone."""
     device = torch.device(device)
     if device.type == "cpu":
+        # LoRA layers keep copies of their factors on the device they last ran on; they are
+        # not parameters, so module.to would leave them on the GPU. Imported here: lora imports
+        # this module (through lora_bake).
+        from .weights import lora
+
+        lora.release_device_copies(module)
         for mod in module.modules():
             for name, view in mod.__dict__.get(_VIEWS, {}).items():
                 p = mod._parameters.get(name)

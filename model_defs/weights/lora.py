@@ -132,6 +132,21 @@ class LoraLayer:
             hit = self._cache[key] = (weight, cast(self.diff_b))
         return hit
 
+    def _own(self) -> list[torch.Tensor]:
+        """The tensors parsed from the file (a cached "copy" may be one of them, uncopied)."""
+        return [t for t in (self.down, self.up, self.diff_b, *self.factors.values()) if t is not None]
+
+    def device_copy_bytes(self) -> int:
+        """Bytes of the cached copies on devices other than the CPU."""
+        own = {id(t) for t in self._own()}
+        return sum(t.numel() * t.element_size() for (device, _), entry in self._cache.items()
+                   if device.type != "cpu" for t in _flat(entry) if id(t) not in own)
+
+    def release_device_copies(self) -> None:
+        """Forget the cached copies on devices other than the CPU; rebuilt on next use."""
+        for key in [k for k in self._cache if k[0].type != "cpu"]:
+            del self._cache[key]
+
     def add_to(self, x: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tensor:
         """``y + strength * delta(x)``; in place on ``y`` when autograd does not need it."""
         weight, bias = self._ready(x.device, x.dtype)
@@ -153,6 +168,17 @@ class LoraLayer:
         if bias is not None:
             y = y.add_(bias, alpha=strength) if inplace else y + bias * strength
         return y
+
+
+def _flat(entry) -> list[torch.Tensor]:
+    """The tensors of one ``_cache`` value: ``(weight or (down, up) or None, bias or None)``."""
+    out = []
+    for item in entry:
+        if isinstance(item, tuple):
+            out.extend(t for t in item if t is not None)
+        elif item is not None:
+            out.append(item)
+    return out
 
 
 class LoraPatch:
@@ -192,6 +218,33 @@ class LoraWeights:
         """Drop the per-device copies made on first use (e.g. after offloading the model)."""
         for layer in self.layers.values():
             layer._cache.clear()
+
+
+def _patched_layers(module: nn.Module) -> list[LoraLayer]:
+    """The LoRA layers attached to ``module``'s Linears, each once."""
+    layers: dict[int, LoraLayer] = {}
+    for mod in module.modules():
+        for patch in (getattr(mod, "patches", None) or {}).values():
+            if isinstance(patch, LoraPatch):
+                layers.setdefault(id(patch.layer), patch.layer)
+    return list(layers.values())
+
+
+def device_copy_bytes(module: nn.Module) -> int:
+    """Bytes the LoRAs patched into ``module`` hold on compute devices (anything but the CPU).
+
+    Each LoRA layer copies its factors (LoHa / LoKr: its whole dense delta) to the device and
+    dtype of its first input and keeps them there for the next step. That memory belongs to the
+    model while it is resident: add it to the model's size wherever memory is accounted."""
+    return sum(layer.device_copy_bytes() for layer in _patched_layers(module))
+
+
+def release_device_copies(module: nn.Module) -> None:
+    """Free every device copy counted by ``device_copy_bytes(module)`` (idempotent). The next
+    forward on a device rebuilds what it needs. ``host_memory.move`` calls this when a model
+    goes to the CPU, so an evicted model leaves no LoRA memory behind on the GPU."""
+    for layer in _patched_layers(module):
+        layer.release_device_copies()
 
 
 def _linears(module: nn.Module) -> dict[str, nn.Linear]:
