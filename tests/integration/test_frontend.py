@@ -52,6 +52,9 @@ def ui():
             pg.wait_for_function(f"() => window.comfyAPI?.app?.app?.graph && {APP}.extensions?.length > 0", timeout=120_000)
             # The pack's extension is imported with the others; wait until it has registered.
             pg.wait_for_function(f"() => {APP}.extensions.some((e) => e.name === {json.dumps(EXTENSION_NAME)})", timeout=60_000)
+            # Frontend 1.48 registers the node types after the extensions: wait for a core one and ours.
+            pg.wait_for_function("""() => ["SaveImage", "QwenImageSampler"].every(
+                (t) => window.LiteGraph?.registered_node_types?.[t])""", timeout=120_000)
             pg.evaluate("""() => {
                 window.__qwenMissing = null;
                 window.comfyAPI.app.app.registerExtension({
