@@ -35,12 +35,17 @@ def file_view(module: nn.Module, name: str) -> torch.Tensor | None:
     return module.__dict__.get(_VIEWS, {}).get(name)
 
 
+def pageable(t: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU tensor ``t`` in ordinary (swappable) memory; for a pinned ``t``, which the
+    system cannot page out."""
+    return torch.empty_like(t, device="cpu", pin_memory=False).copy_(t)
+
+
 def move(module: nn.Module, device) -> None:
     """``module.to(device)``; to the CPU, parameters with a file view return to it uncopied,
-    and the device copies of the LoRAs patched into ``module`` are freed.
-
-    A pinned CPU copy (made by the block streamer for fast uploads, and reused by its next run)
-    is left alone."""
+    pinned (page-locked) host tensors become ordinary memory, and the device copies of the
+    LoRAs patched into ``module`` are freed: afterwards the model holds no memory that the
+    system could not page out or drop, whatever ran it (placement, the block streamer)."""
     device = torch.device(device)
     if device.type == "cpu":
         # LoRA layers keep copies of their factors on the device they last ran on; they are
@@ -50,16 +55,27 @@ def move(module: nn.Module, device) -> None:
 
         lora.release_device_copies(module)
         for mod in module.modules():
-            for name, view in mod.__dict__.get(_VIEWS, {}).items():
-                p = mod._parameters.get(name)
-                if p is None or p.shape != view.shape or p.dtype != view.dtype or p.data_ptr() == view.data_ptr():
-                    continue
-                if p.device.type == "cpu" and p.is_pinned():
-                    continue
-                try:
-                    p.data = view
-                except RuntimeError:  # a tensor kind .data cannot be swapped across: module.to copies it
-                    continue
-                if getattr(mod, "baked", None):  # LoRAs folded into the dropped copy (lora_bake) left with it
-                    mod.baked = {}
+            _back_to_file(mod)
+            _unpin(mod)
     module.to(device)
+
+
+def _back_to_file(mod: nn.Module) -> None:
+    for name, view in mod.__dict__.get(_VIEWS, {}).items():
+        p = mod._parameters.get(name)
+        if p is None or p.shape != view.shape or p.dtype != view.dtype or p.data_ptr() == view.data_ptr():
+            continue
+        try:
+            p.data = view
+        except RuntimeError:  # a tensor kind .data cannot be swapped across: module.to copies it
+            continue
+        if getattr(mod, "baked", None):  # LoRAs folded into the dropped copy (lora_bake) left with it
+            mod.baked = {}
+
+
+def _unpin(mod: nn.Module) -> None:
+    """Pinned CPU tensors of ``mod`` itself (not its children) -> ordinary memory."""
+    for tensors in (mod._parameters, mod._buffers):
+        for t in tensors.values():
+            if t is not None and t.device.type == "cpu" and t.is_pinned():
+                t.data = pageable(t.data)

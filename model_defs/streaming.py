@@ -3,9 +3,11 @@
 The repeated blocks of a model (the MMDiT's 60 ``transformer_blocks``) stay in host memory and
 visit the GPU for their forward pass. Compared with the plain ``offload.BlockStreamer``:
 
-- host copies are pinned once and reused, so every upload is an asynchronous DMA (unless that
+- host copies are pinned for the run, so every upload is an asynchronous DMA (unless that
   would take more than half the available system memory: then uploads go from where the
-  weights are, synchronously);
+  weights are, synchronously). Pinned memory cannot be paged out, so it ends with the run:
+  on exit, tensors read unchanged from a file go back to their file mapping
+  (``host_memory.move``) and the others to ordinary memory;
 - tensors travel exactly as stored: float8 and GGUF block bytes stay compact on the way (a
   Q4_K weight moves 0.56 bytes instead of 2), and are expanded inside each layer;
 - block i+1 is uploaded on a side CUDA stream while block i computes, so with enough PCIe
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -110,11 +113,14 @@ class BlockStreamer:
     Drop-in for ``offload.BlockStreamer(blocks, device, offload_device)``. ``prefetch``: how
     many blocks ahead to upload (0 = load on demand); ``keep``: leading blocks that stay on the
     device for the whole context. ``wrap``: after the last block, prefetch the first one (the
-    next sampling step starts with it).
+    next sampling step starts with it). ``pin_copy``: makes the page-locked copy of a host
+    tensor (default ``Tensor.pin_memory``, used with CUDA only); given, it is used whatever the
+    device (tests stand in for pinning with it).
     """
 
     def __init__(self, blocks: nn.ModuleList, device, offload_device, prefetch: int = 1, keep: int = 0,
-                 wrap: bool = True, pin: bool = True):
+                 wrap: bool = True, pin: bool = True,
+                 pin_copy: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if prefetch < 0 or keep < 0:
             raise ValueError(f"prefetch and keep must be >= 0, got {prefetch} and {keep}")
         self.blocks = blocks
@@ -124,6 +130,8 @@ class BlockStreamer:
         self.keep = min(int(keep), len(blocks))
         self.wrap = wrap
         self.pin = pin
+        self._pin_copy = pin_copy
+        self._pinned: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, its pinned copy) this run made
         self.stats = StreamStats()
         self._cuda = self.device.type == "cuda"
         self._copy_stream = None
@@ -137,7 +145,8 @@ class BlockStreamer:
     # -- context -------------------------------------------------------------------------
 
     def __enter__(self) -> "BlockStreamer":
-        pin = self.pin and self._cuda and self.offload_device.type == "cpu" and self._room_to_pin()
+        can_pin = self._cuda or self._pin_copy is not None
+        pin = self.pin and can_pin and self.offload_device.type == "cpu" and self._room_to_pin()
         for i, block in enumerate(self.blocks):
             if any(t.device != self.offload_device for t in _tensors(block)):
                 host_memory.move(block, self.offload_device)  # weights read as stored: back to the file
@@ -167,6 +176,20 @@ class BlockStreamer:
         self._unfinished.clear()
         self._host.clear()
         self._index.clear()
+        self._unpin()
+
+    def _unpin(self) -> None:
+        """End of the run: no pinned copy made here stays. Weights with a file view return to it
+        (``host_memory.move``, which also turns any pinned tensor it can recognise into ordinary
+        memory); copies still installed after that (not recognisable as pinned: a stand-in
+        ``pin_copy``) are replaced by ordinary copies here."""
+        pinned, self._pinned = self._pinned, []
+        if self.offload_device.type == "cpu":
+            for block in self.blocks:
+                host_memory.move(block, self.offload_device)
+        for obj, copy in pinned:
+            if obj.data_ptr() == copy.data_ptr():
+                obj.data = host_memory.pageable(copy)
 
     def _room_to_pin(self) -> bool:
         """Pinned copies are process memory the system cannot page out. Where they would take
@@ -183,10 +206,12 @@ class BlockStreamer:
         return False
 
     def _pin(self, block: nn.Module) -> bool:
+        make = self._pin_copy or torch.Tensor.pin_memory
         try:
             for t in _tensors(block):
                 if not t.data.is_pinned():
-                    t.data = t.data.pin_memory()
+                    t.data = make(t.data)
+                    self._pinned.append((t, t.data))
         except RuntimeError as e:  # page-locked memory is limited on some systems
             log.warning("could not pin host memory for block streaming (%s); uploads will be synchronous", e)
             return False
