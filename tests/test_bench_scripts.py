@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT
 from qwenimage_pack.model_defs import attention
 from qwenimage_pack.model_defs.weights import dequant, dequant_cuda
+from qwenimage_pack.model_defs.weights.linear import Linear
 
 BENCH = ROOT / "bench"
 SCRIPTS = {
@@ -73,11 +74,19 @@ def _q4k_blocks(rows=4, cols=512):
     return common.quantized_rows("Q4_K", rows, cols, seed=3, device="cpu")
 
 
+def _register_q4k():
+    """Register _q4k_blocks' shape for compilation, as a model with one such weight would."""
+    lin = Linear(512, 4, bias=False, device="meta")
+    lin.set_quantized(_q4k_blocks(), 12, (4, 512))
+    assert dequant_cuda.prepare(lin) == 1
+
+
 @pytest.fixture
 def fresh_fused():
     dequant_cuda.reset()
     old = dequant_cuda.min_elements
     dequant_cuda.min_elements = 0
+    _register_q4k()
     yield
     dequant_cuda.min_elements = old
     dequant_cuda.reset()
@@ -98,12 +107,14 @@ def test_fused_registration_leaves_cpu_alone(fresh_fused, monkeypatch):
     assert not dequant_cuda.available()
 
 
-def test_fused_compiles_recurring_calls_and_matches(fresh_fused):
+def test_fused_compiles_registered_shapes_and_matches(fresh_fused):
     raw = _q4k_blocks()
     ref = dequant_cuda._eager(raw, 12, 512, torch.bfloat16)
-    first = dequant_cuda.fused_dequantize(raw, 12, 512, torch.bfloat16)  # seen once: eager
-    assert torch.equal(first, ref) and not dequant_cuda._compiled
-    second = dequant_cuda.fused_dequantize(raw, 12, 512, torch.bfloat16)  # recurring: compiled
+    other = raw[:3]  # not a registered weight shape: eager, however often
+    for _ in range(2):
+        assert torch.equal(dequant_cuda.fused_dequantize(other, 12, 512, torch.bfloat16), ref[:3])
+    assert not dequant_cuda._compiled
+    second = dequant_cuda.fused_dequantize(raw, 12, 512, torch.bfloat16)  # registered: compiled
     if dequant_cuda._failed:
         pytest.skip("torch.compile does not work in this environment (the eager fallback was used)")
     assert dequant_cuda._close(second, ref, torch.bfloat16)
@@ -124,6 +135,7 @@ def test_fused_falls_back_on_compiler_errors_and_mismatches(fresh_fused, monkeyp
     assert dequant_cuda._failed and sum("unavailable" in r.message for r in caplog.records) == 1
 
     dequant_cuda.reset()
+    _register_q4k()
     monkeypatch.setattr(dequant_cuda, "_build", lambda *a: (lambda b: torch.zeros(4, 512)))
     caplog.clear()
     with caplog.at_level(logging.WARNING):

@@ -12,9 +12,13 @@ How it is wired:
 - One compiled function per (type, shape, dtype, device), ``dynamic=False``, each with its own
   code object so the compiler's per-function recompile limit is never hit; model weights repeat
   the same few shapes every step.
-- Only calls that recur (second time a key is seen) and are large (``min_elements``) are
-  compiled: embedding-row lookups of varying length and one-off tensors stay eager instead of
-  paying seconds of compilation each. At most ``max_compiled`` functions are built.
+- Which shapes are compiled is decided up front, from the model: ``prepare(module)`` registers
+  the (type, shape) of each quantized Linear weight of at least ``min_elements`` values, the
+  ones with the most values per forward first, at most ``max_compiled`` (the most recently
+  prepared model's shapes win when there are more). Only registered shapes are compiled, on
+  their first call; everything else (embedding-row gathers of varying length, one-off tensors)
+  stays eager however often it recurs, so it can neither cost seconds of compilation nor take
+  a slot a weight needs. Registry and compiled functions are bounded by ``max_compiled``.
 - The first result of each compiled function is checked against the eager kernel; a
   mismatch, or any compiler error (no Triton, unsupported GPU), switches that key (or, for
   errors, the whole feature) back to eager with one warning. Nothing here can break a run.
@@ -26,16 +30,20 @@ from __future__ import annotations
 import logging
 import os
 import types
+from collections import OrderedDict
 
 import torch
+import torch.nn as nn
 
 from . import dequant
+from .linear import Linear
 
 log = logging.getLogger(__name__)
 
 _EAGER = object()  # marker: this key runs the eager kernel
-_compiled: dict[tuple, object] = {}  # key -> compiled fn, or _EAGER
-_seen: set[tuple] = set()
+# (type, rows, cols) -> values dequantized per forward; least recently prepared first
+_registered: "OrderedDict[tuple[int, int, int], int]" = OrderedDict()
+_compiled: dict[tuple, object] = {}  # (type, blocks shape, cols, dtype, device) -> compiled fn, or _EAGER
 _failed = False  # the compiler does not work in this environment
 min_elements = 1 << 20
 max_compiled = 48
@@ -67,11 +75,50 @@ def disable() -> None:
 
 
 def reset() -> None:
-    """Forget compiled functions and failures (tests, or after changing torch settings)."""
+    """Forget registered shapes, compiled functions and failures (tests, or after changing torch
+    settings)."""
     global _failed
+    _registered.clear()
     _compiled.clear()
-    _seen.clear()
     _failed = False
+
+
+def _weight_shapes(module: nn.Module) -> dict[tuple[int, int, int], int]:
+    """(type, rows, cols) of ``module``'s quantized Linear weights -> values per forward."""
+    found: dict[tuple[int, int, int], int] = {}
+    for m in module.modules():
+        if isinstance(m, Linear) and m.is_quantized:
+            rows = int(m.weight.shape[0])
+            cols = 1
+            for n in m.quant_shape[1:]:
+                cols *= n
+            key = (m.quant_type, rows, cols)
+            found[key] = found.get(key, 0) + rows * cols
+    return found
+
+
+def prepare(module: nn.Module) -> int:
+    """Register the quantized Linear weight shapes of ``module`` for compiled dequantization;
+    returns how many of its shapes are registered. Call before running ``module`` on the GPU
+    (cheap, idempotent). Shapes below ``min_elements`` values are left eager (not worth a
+    compile); of the rest, the ones with the most values per forward come first, at most
+    ``max_compiled``. They become the most recent entries; older models' shapes beyond
+    ``max_compiled`` are forgotten, with their compiled functions."""
+    shapes = {k: v for k, v in _weight_shapes(module).items() if k[1] * k[2] >= min_elements}
+    ranked = sorted(shapes, key=shapes.get, reverse=True)[:max_compiled]
+    for key in reversed(ranked):  # the largest end up most recent: trimmed last
+        _registered[key] = shapes[key]
+        _registered.move_to_end(key)
+    while len(_registered) > max_compiled:
+        _registered.popitem(last=False)
+    for key in [k for k in _compiled if (k[0], k[1][0], k[2]) not in _registered]:
+        del _compiled[key]
+    return len(ranked)
+
+
+def registered() -> set[tuple[int, int, int]]:
+    """The (GGUF type, rows, cols) shapes that are compiled when dequantized on the GPU."""
+    return set(_registered)
 
 
 def _eager(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -117,8 +164,8 @@ def fused_dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.d
     key = (int(qtype), tuple(blocks.shape), cols, dtype, blocks.device)
     fn = _compiled.get(key)
     if fn is None:
-        if _failed or blocks.shape[0] * cols < min_elements or key not in _seen or len(_compiled) >= max_compiled:
-            _seen.add(key)
+        wanted = (int(qtype), blocks.shape[0], cols) in _registered
+        if _failed or not wanted or len(_compiled) >= max_compiled:
             return _eager(blocks, qtype, cols, dtype)
         ref = _eager(blocks, qtype, cols, dtype)
         try:
