@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections import OrderedDict
 from typing import Iterator
 
 import torch
@@ -135,27 +136,73 @@ def quantize_activation(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch
 
 
 # On CUDA the dozen small ops above run per Linear call; compiled they are one or two kernels.
-# Compiled once per mode with dynamic shapes (token counts vary), checked against the eager
-# result on first use, and abandoned for eager on any error or difference.
-_compiled_quantizers: dict[str, object] = {}
+# Compiled once per mode with dynamic shapes (token counts vary). The compiler may still emit
+# different code per shape (other reduction splits, other guards), so exactness on one shape
+# proves nothing for the next: every new (mode, shape, dtype, device) is compared with the eager
+# result on its first call. A difference or any compiler error sends the mode back to eager for
+# good. The record of checked shapes keeps the ``MAX_CHECKED_SHAPES`` most recent; a shape that
+# fell out is simply checked again.
+_COMPILE_ON = ("cuda",)  # device types that take the compiled path (tests add "cpu")
+MAX_CHECKED_SHAPES = 256
+_compiled_quantizers: dict[str, object] = {}  # mode -> compiled function, or quantize_activation
+_checked: "OrderedDict[tuple, None]" = OrderedDict()  # (mode, shape, dtype, device), least recent first
 
 
-def _quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.device.type != "cuda" or os.environ.get("QWENIMAGE_FP8_COMPILE", "1").strip() in ("0", "false", "off"):
-        return quantize_activation(x, mode)
+def forget_compiled() -> None:
+    """Drop the compiled quantizers and the record of checked shapes (tests, or after changing
+    torch settings)."""
+    _compiled_quantizers.clear()
+    _checked.clear()
+
+
+def checked_shapes() -> list[tuple]:
+    """(mode, shape, dtype, device) keys the compiled quantizer was found exact on, oldest first."""
+    return list(_checked)
+
+
+def _compiled(mode: str):
     fn = _compiled_quantizers.get(mode)
     if fn is None:
-        ref = quantize_activation(x, mode)
         try:
             fn = torch.compile(quantize_activation, dynamic=True)
-            q, scale = fn(x, mode)
-            same = torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(scale, ref[1])
         except Exception as e:  # noqa: BLE001 - any compiler failure means "stay eager"
             log.info("float8 activation quantization stays eager (%s: %s)", type(e).__name__, e)
-            same = False
-        _compiled_quantizers[mode] = fn if same else quantize_activation
+            fn = quantize_activation
+        _compiled_quantizers[mode] = fn
+    return fn
+
+
+def _first_use_matches(fn, x: torch.Tensor, mode: str, ref: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    try:
+        q, scale = fn(x, mode)
+        return torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(scale, ref[1])
+    except Exception as e:  # noqa: BLE001 - any compiler failure means "stay eager"
+        log.info("float8 activation quantization stays eager (%s: %s)", type(e).__name__, e)
+        return False
+
+
+def quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_activation``, through the compiled kernel where it has been checked for this
+    shape (see the notes above); always the eager result otherwise."""
+    if x.device.type not in _COMPILE_ON or os.environ.get("QWENIMAGE_FP8_COMPILE", "1").strip() in ("0", "false", "off"):
+        return quantize_activation(x, mode)
+    fn = _compiled(mode)
+    if fn is quantize_activation:
+        return fn(x, mode)
+    key = (mode, tuple(x.shape), x.dtype, str(x.device))
+    if key in _checked:
+        _checked.move_to_end(key)
+        return fn(x, mode)
+    ref = quantize_activation(x, mode)
+    if not _first_use_matches(fn, x, mode, ref):
+        log.warning("compiled float8 activation quantization (%s scaling) differs from the eager one for shape %s; "
+                    "using the eager one from now on", mode, tuple(x.shape))
+        _compiled_quantizers[mode] = quantize_activation
         return ref
-    return fn(x, mode)
+    _checked[key] = None
+    while len(_checked) > MAX_CHECKED_SHAPES:
+        _checked.popitem(last=False)
+    return ref
 
 
 def _applicable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -178,7 +225,7 @@ def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     """The float8 matmul itself (no checks): ``x`` ``[..., K]`` half, ``w`` e4m3 ``[N, K]``."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = w.shape[0]
-    q, sx = _quantize(x.reshape(-1, k), mode)
+    q, sx = quantize(x.reshape(-1, k), mode)
     sw = torch.ones((), device=x.device) if w_scale is None else w_scale.to(device=x.device, dtype=torch.float32)
     if mode == "row":
         sw = sw.reshape(1, 1).expand(1, n).contiguous()  # row-wise scaling wants both sides row-wise
