@@ -35,6 +35,12 @@ def file_view(module: nn.Module, name: str) -> torch.Tensor | None:
     return module.__dict__.get(_VIEWS, {}).get(name)
 
 
+def forget_file_view(module: nn.Module, name: str) -> None:
+    """``module``'s parameter ``name`` no longer lives in its file (the loader copied it so the
+    file's mapping can close): drop the view, which would keep the mapping alive."""
+    module.__dict__.get(_VIEWS, {}).pop(name, None)
+
+
 def pageable(t: torch.Tensor) -> torch.Tensor:
     """A copy of CPU tensor ``t`` in ordinary (swappable) memory; for a pinned ``t``, which the
     system cannot page out."""

@@ -31,6 +31,9 @@ _FLOAT_NAMES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
 _FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+# Values converted to float8 per step on the CPU: the float32 working slice (4 MiB) stays in
+# cache between its read, scaling and write. On a GPU one pass over the whole tensor is faster.
+_FP8_SLICE = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,15 +156,32 @@ def _dense(t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> t
     return (t.to(torch.float32) * s).to(dtype)
 
 
+def _abs_max(t: torch.Tensor) -> torch.Tensor:
+    """max |t| in float32 (NaN if any value is), in one pass and without an |t| copy."""
+    lo, hi = torch.aminmax(t)
+    return torch.maximum(lo.float().abs(), hi.float().abs())
+
+
 def _quantize_fp8(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8_e4m3fn with a per-tensor scale amax/448, so the full fp8 range is used."""
-    amax = t.abs().amax().to(torch.float32)
+    """float8_e4m3fn with a per-tensor scale amax/448, so the full fp8 range is used.
+
+    Written straight from ``t`` (on the CPU, usually the file's mapping) into the final float8
+    tensor, a slice at a time: no full-size float32 copy (twice the size of a bf16 source),
+    and each slice is scaled while it is in cache. Same arithmetic as ``(t.float() / scale)
+    .clamp(-448, 448).to(float8)``: float32 division, then one rounding."""
+    amax = _abs_max(t)
     if not torch.isfinite(amax):
         raise ValueError(f"tensor '{name}' contains inf or NaN values")
     scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
-    # One float32 working copy, scaled in place: the peak is one tensor's worth, not two.
-    w = t.to(torch.float32, copy=True).div_(scale).clamp_(-_FP8_MAX, _FP8_MAX)
-    return w.to(torch.float8_e4m3fn), scale
+    out = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
+    src, dst = t.reshape(-1), out.view(-1)
+    step = _FP8_SLICE if t.device.type == "cpu" else max(1, src.numel())
+    work = torch.empty(min(step, src.numel()), dtype=torch.float32, device=t.device)
+    for start in range(0, src.numel(), step):
+        n = min(step, src.numel() - start)
+        w = work[:n].copy_(src[start:start + n]).div_(scale).clamp_(-_FP8_MAX, _FP8_MAX)
+        dst[start:start + n].copy_(w)
+    return out, scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,15 +293,39 @@ def _is_compact(model: nn.Module, target: str) -> bool:
     return attr == "weight" and isinstance(model.get_submodule(mod_name) if mod_name else model, (Linear, Embedding))
 
 
+@dataclass
+class _FileUse:
+    """What a load did with one source file: bytes converted, bytes kept as views of the file
+    (and which: ``(target, None)`` for the model's tensors, ``(None, name)`` for vision ones)."""
+
+    converted: int = 0
+    kept: int = 0
+    views: list[tuple[str | None, str | None]] = field(default_factory=list)
+
+    def add(self, nbytes: int, from_file: bool, target: str | None, vision_name: str | None) -> None:
+        if from_file:
+            self.kept += nbytes
+            self.views.append((target, vision_name))
+        else:
+            self.converted += nbytes
+
+
+def _nbytes(raw) -> int:
+    t = raw.blocks if isinstance(raw, QuantizedTensor) else raw
+    return t.numel() * t.element_size()
+
+
 def _stream(model: nn.Module, source, plan: _Plan, policy: _Policy, path: Path) -> dict[str, torch.Tensor]:
     """Read, convert and assign every planned tensor; returns the vision tensors, if any."""
     vision: dict[str, torch.Tensor] = {}
     device = policy.device
+    usage: dict[Path, _FileUse] = {}
     for key in source.in_file_order():
         target = plan.routes.get(key)
         if target is None and key not in plan.vision:
             continue
         raw = source.get(key)
+        nbytes = _nbytes(raw)
         compact = target is not None and _is_compact(model, target)
         if isinstance(raw, QuantizedTensor):
             value, scale = _gguf_value(raw, compact, policy)
@@ -299,11 +343,39 @@ def _stream(model: nn.Module, source, plan: _Plan, policy: _Policy, path: Path) 
                                       "finite weights (the file may be damaged)") from None
             from_file = value.device.type == "cpu" and value.data_ptr() == raw.data_ptr()
         del raw
+        file = source[key].file if isinstance(source, WeightSource) else path
+        usage.setdefault(file, _FileUse()).add(nbytes, from_file, target, plan.vision.get(key) if target is None else None)
         if target is None:
             vision[plan.vision[key]] = value
         else:
             _assign(model, target, value, scale, from_file)
+    _own_memory_where_converted(model, vision, usage)
     return vision
+
+
+def _own_memory_where_converted(model: nn.Module, vision: dict, usage: dict[Path, _FileUse]) -> None:
+    """Let the mapping of a file the load mostly converted close.
+
+    A file is mapped once and every tensor read from it is a view of that one mapping, so a
+    single view kept (a norm, a bias) keeps the whole file mapped, its pages counted against
+    the process, for as long as the model lives. Where the load converted most of a file's
+    bytes (float8 from bf16, say), the few views it kept are copied and stop being file views
+    (host_memory), and the mapping closes when loading ends. Where it kept most of the file as
+    stored, the views stay: they are the weights' cheapest home (host_memory)."""
+    for use in usage.values():
+        if use.converted <= use.kept:
+            continue
+        for target, vision_name in use.views:
+            if target is None:
+                vision[vision_name] = vision[vision_name].clone()
+                continue
+            mod_name, _, attr = target.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            if attr in mod._parameters:
+                mod._parameters[attr].data = mod._parameters[attr].data.clone()
+                host_memory.forget_file_view(mod, attr)
+            else:
+                mod._buffers[attr] = mod._buffers[attr].clone()
 
 
 def _gguf_value(q: QuantizedTensor, compact: bool, policy: _Policy):
