@@ -79,6 +79,13 @@ def _streamable(module: nn.Module, stream_blocks: str | None):
     return blocks if isinstance(blocks, nn.ModuleList) and len(blocks) else None
 
 
+def _blocks_kept(module: nn.Module, blocks: nn.ModuleList, budget: float) -> int:
+    """How many leading blocks stay on the device within ``budget`` bytes while the rest stream."""
+    rest = module_bytes(module) - sum(block_bytes(b) for b in blocks)
+    room = budget - rest if math.isfinite(budget) else 0
+    return blocks_that_fit(blocks, int(max(0, room)), prefetch=STREAM_PREFETCH)
+
+
 if runtime.ModelPatcher is not None:
 
     class QwenImagePatcher(runtime.ModelPatcher):
@@ -129,8 +136,7 @@ if runtime.ModelPatcher is not None:
             for p in module.parameters(recurse=False):
                 p.data = p.data.to(device)
             rest = module_bytes(module) - sum(block_bytes(b) for b in blocks)
-            room = budget - rest if math.isfinite(budget) else 0
-            keep = blocks_that_fit(blocks, int(max(0, room)), prefetch=STREAM_PREFETCH)
+            keep = _blocks_kept(module, blocks, budget)
             streamer = BlockStreamer(blocks, device, self.offload_device, prefetch=STREAM_PREFETCH, keep=keep)
             streamer.__enter__()
             self.model.qwen_streamer = streamer
@@ -172,9 +178,10 @@ if runtime.ModelPatcher is not None:
                     self.unpatch_model(self.offload_device, unpatch_weights=True)  # another clone's patches
                 self.patch_model(load_weights=False)  # object patches, e.g. ModelSamplingAuraFlow's
                 used = self.model.model_loaded_weight_memory
-                if used and self.placement() == "resident" and self.model.device == torch.device(device_to):
+                if used and extra_memory < 0:  # ComfyUI now grants less than the model holds
+                    self.partially_unload(self.offload_device, -extra_memory, force_patch_weights)
                     return 0
-                if used and extra_memory <= 0:
+                if used and (extra_memory == 0 or self._no_better(device_to, used + extra_memory)):
                     return 0
                 try:
                     self.load(device_to, lowvram_model_memory=used + extra_memory, force_patch_weights=force_patch_weights)
@@ -182,6 +189,19 @@ if runtime.ModelPatcher is not None:
                     self.detach()
                     raise
                 return self.model.model_loaded_weight_memory - used
+
+        def _no_better(self, device_to, budget) -> bool:
+            """Whether loading again with ``budget`` would leave the model as it is now (whole, or
+            streaming with the same leading blocks kept): then nothing is re-uploaded."""
+            if self.model.device != torch.device(device_to):
+                return False
+            streamer = getattr(self.model, "qwen_streamer", None)
+            if streamer is None:
+                return True
+            module = self._module()
+            if module_bytes(module) <= budget:
+                return False
+            return _blocks_kept(module, streamer.blocks, budget) == streamer.keep
 
         def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
             """Free at least ``memory_to_free``: stream more blocks when that is enough, else unload."""

@@ -33,6 +33,8 @@ def test_comfyui_model_management_evicts_our_idle_models():
         "all_unloaded": True,
         "unload_model_and_clones": True,
         "big_model": "streamed",
+        "streaming_set_up_once": True,
         "streamed_blocks": 8,
+        "novram_small": "resident",
         "dropped_model_forgotten": True,
     }
