@@ -132,15 +132,13 @@ class LoraLayer:
             hit = self._cache[key] = (weight, cast(self.diff_b))
         return hit
 
-    def _own(self) -> list[torch.Tensor]:
-        """The tensors parsed from the file (a cached "copy" may be one of them, uncopied)."""
-        return [t for t in (self.down, self.up, self.diff_b, *self.factors.values()) if t is not None]
-
     def device_copy_bytes(self) -> int:
-        """Bytes of the cached copies on devices other than the CPU."""
-        own = {id(t) for t in self._own()}
-        return sum(t.numel() * t.element_size() for (device, _), entry in self._cache.items()
-                   if device.type != "cpu" for t in _flat(entry) if id(t) not in own)
+        """Bytes of the cached copies on devices other than the CPU (a parsed tensor that was
+        already on that device and in that dtype is used uncopied: not counted)."""
+        own = {id(t) for t in (self.down, self.up, self.diff_b, *self.factors.values())}
+        cached = (t for (device, _), (weight, bias) in self._cache.items() if device.type != "cpu"
+                  for t in (*(weight if isinstance(weight, tuple) else (weight,)), bias))
+        return sum(t.numel() * t.element_size() for t in cached if t is not None and id(t) not in own)
 
     def release_device_copies(self) -> None:
         """Forget the cached copies on devices other than the CPU; rebuilt on next use."""
@@ -168,17 +166,6 @@ class LoraLayer:
         if bias is not None:
             y = y.add_(bias, alpha=strength) if inplace else y + bias * strength
         return y
-
-
-def _flat(entry) -> list[torch.Tensor]:
-    """The tensors of one ``_cache`` value: ``(weight or (down, up) or None, bias or None)``."""
-    out = []
-    for item in entry:
-        if isinstance(item, tuple):
-            out.extend(t for t in item if t is not None)
-        elif item is not None:
-            out.append(item)
-    return out
 
 
 class LoraPatch:
