@@ -46,16 +46,34 @@ def main(argv=None) -> dict:
     model = common.build_mmdit(cfg, device)
     inputs = {b: common.mmdit_inputs(cfg, args.size, b, args.text_tokens, device) for b in args.batches}
 
-    def timed(batch):
+    def forward(batch):
         def run():
             with torch.inference_mode():
                 return model(*inputs[batch])
-        return common.time_fn(run, device, args.warmup, args.iters)
+        return run
 
+    def timed(batch):
+        return common.time_fn(forward(batch), device, args.warmup, args.iters)
+
+    record = common.Record(args.json, device, size=args.size, layers=cfg.num_layers, target=TARGET)
     results: dict[tuple, dict] = {}
-    for b in args.batches:
+
+    def measure(label, b):
+        common.reset_peak(device)
         s, out = timed(b)
-        results[("bf16", b)] = {"s": s, "out": out.float().cpu()}
+        results[(label, b)] = {"s": s, "out": out.float().cpu(), "peak": common.peak_bytes(device)}
+        base = results[("bf16", b)]
+        ratio = s / base["s"]
+        missed = label.startswith("fp8 matmul") and ratio > TARGET
+        profile = common.profile_miss(args, f"fp8_{label.split(', ')[-1].replace(' ', '_')}_b{b}", forward(b),
+                                      device, f"{label}, batch {b}: {ratio:.2f}x bf16 (target <= {TARGET}x)") \
+            if missed else None
+        record.put(f"{label} b{b}", s=s, ratio=ratio, peak=results[(label, b)]["peak"], profile=profile,
+                   target=TARGET if label.startswith("fp8 matmul") else None,
+                   rel_err=None if label == "bf16" else common.rel_err(results[(label, b)]["out"], base["out"]))
+
+    for b in args.batches:
+        measure("bf16", b)
     common.to_fp8(model)
     common.free(device)
     supported = fp8_matmul.device_supports(device) or args.smoke
@@ -69,8 +87,7 @@ def main(argv=None) -> dict:
             else:
                 fp8_matmul.set_enabled(True, mode=mode, allow_cpu=args.smoke)
             for b in args.batches:
-                s, out = timed(b)
-                results[(label, b)] = {"s": s, "out": out.float().cpu()}
+                measure(label, b)
             print(f"  {label}: done", flush=True)
     finally:
         fp8_matmul.set_enabled(False)
@@ -88,6 +105,7 @@ def main(argv=None) -> dict:
             rows.append([f"{args.size}^2 b{b}", label, common.fmt_ms(r["s"]), f"{ratio:.2f}x", target, acc])
     notes = []
     if not supported:
+        record.set(note="no float8 tensor cores")
         notes.append(f"{device}: no float8 tensor cores (needs compute capability 8.9+); float8 matmul rows skipped")
     notes.append("accuracy: rel. L2 error / cosine similarity of the velocity against bf16 on the same weights")
     common.print_table(

@@ -56,12 +56,16 @@ def main(argv=None) -> dict:
         with torch.inference_mode():
             return model(*inputs)
 
+    record = common.Record(args.json, device, size=args.size, batch=args.batch, layers=cfg.num_layers, fused=fused)
+    common.reset_peak(device)
     seconds, _ = common.time_fn(run, device, args.warmup, args.iters)
-    results["bf16"] = {"s": seconds, "bytes": common.module_bytes(model)}
+    results["bf16"] = {"s": seconds, "bytes": common.module_bytes(model), "peak": common.peak_bytes(device)}
+    record.put("bf16", **results["bf16"])
     print(f"  bf16: {seconds * 1000:.1f} ms", flush=True)
 
     for scheme in args.types:
         counts = common.to_gguf(model, scheme)
+        common.prepare_fused(model)
         common.free(device)
         weight_bytes = common.module_bytes(model)
         common.reset_peak(device)
@@ -69,6 +73,12 @@ def main(argv=None) -> dict:
         peak = common.peak_bytes(device)
         results[scheme] = {"s": seconds, "bytes": weight_bytes, "peak": peak, "counts": counts,
                            "finite": bool(torch.isfinite(out).all())}
+        ratio, target = seconds / results["bf16"]["s"], TARGETS.get(scheme)
+        peak_over = peak is not None and scheme == "Q4_K_M" and peak > weight_bytes + PEAK_HEADROOM
+        profile = common.profile_miss(args, f"gguf_{scheme}", run, device,
+                                      f"{scheme} forward {args.size}^2: {ratio:.2f}x bf16 (target <= {target}x)") \
+            if (target and ratio > target) or peak_over else None
+        record.put(scheme, ratio=ratio, target=target, profile=profile, **results[scheme])
         print(f"  {scheme}: {seconds * 1000:.1f} ms ({counts})", flush=True)
         del out
 

@@ -33,6 +33,7 @@ import warnings
 import torch
 
 FORWARD_TARGET = 1.05
+FOLDED_TARGET = 1.01  # folded: no extra work at all, 1.00x within the run-to-run noise of the timing
 APPLY_TARGET_S = 10.0
 
 
@@ -70,6 +71,8 @@ def main(argv=None) -> dict:
         common.to_fp8(model)
     elif args.weights != "bf16":
         common.to_gguf(model, args.weights)
+        common.pack("model_defs.weights.dequant_cuda").enable()
+        common.prepare_fused(model)
     common.free(device)
     inputs = common.mmdit_inputs(cfg, args.size, args.batch, args.text_tokens, device)
 
@@ -77,7 +80,10 @@ def main(argv=None) -> dict:
         with torch.inference_mode():
             return model(*inputs)
 
+    record = common.Record(args.json, device, size=args.size, batch=args.batch, rank=args.rank, weights=args.weights)
+    common.reset_peak(device)
     base_s, base_out = common.time_fn(run, device, args.warmup, args.iters)
+    record.put("no LoRA", s=base_s, ratio=1.0, peak=common.peak_bytes(device))
     sd = random_lora(model, args.rank)
     lora_bytes = sum(t.numel() * t.element_size() for t in sd.values())
 
@@ -88,15 +94,22 @@ def main(argv=None) -> dict:
     lora.apply_loras(model, [(weights, 1.0)])
     apply_s = time.perf_counter() - t0
     first_s, _ = common.wall(run, device)  # includes uploading the factors
+    common.reset_peak(device)
     lora_s, lora_out = common.time_fn(run, device, args.warmup, args.iters)
+    ratio = lora_s / base_s
+    profile = common.profile_miss(args, "lora_additive", run, device,
+                                  f"rank-{args.rank} LoRA forward: {ratio:.3f}x (target <= {FORWARD_TARGET}x)") \
+        if ratio > FORWARD_TARGET else None
+    record.put("additive", s=lora_s, ratio=ratio, target=FORWARD_TARGET, peak=common.peak_bytes(device),
+               apply_s=apply_s, first_s=first_s, profile=profile)
     lora.apply_loras(model, [])
     off_s, off_out = common.time_fn(run, device, 0, 1)
     removed_ok = torch.equal(off_out, base_out)
 
-    folded = fold_rows(args, model, run, weights, base_out, base_s, device) \
+    record.put("additive", removed_exact=removed_ok)
+    folded = fold_rows(args, model, run, weights, base_out, base_s, device, record) \
         if args.weights == "bf16" and not args.no_fold else []
 
-    ratio = lora_s / base_s
     rows = [
         ["forward without LoRA", common.fmt_ms(base_s), "1.00x", "-"],
         [f"forward with rank-{args.rank} LoRA", common.fmt_ms(lora_s), f"{ratio:.3f}x",
@@ -116,7 +129,7 @@ def main(argv=None) -> dict:
     return {"base_s": base_s, "lora_s": lora_s, "apply_s": apply_s, "removed_ok": removed_ok}
 
 
-def fold_rows(args, model, run, weights, base_out, base_s, device) -> list[list[str]]:
+def fold_rows(args, model, run, weights, base_out, base_s, device, record) -> list[list[str]]:
     """Fold the LoRA into the bf16 weights as the sampler does for a model read from a file."""
     host_memory = common.pack("model_defs.host_memory")
     lora = common.pack("model_defs.weights.lora")
@@ -130,14 +143,21 @@ def fold_rows(args, model, run, weights, base_out, base_s, device) -> list[list[
         return lora_bake.fold(model, allow_cpu=cpu)
 
     fold_s, layers = common.wall(fold, device)
+    common.reset_peak(device)
     folded_s, _ = common.time_fn(run, device, args.warmup, args.iters)
+    ratio = folded_s / base_s
+    profile = common.profile_miss(args, "lora_folded", run, device,
+                                  f"folded LoRA forward: {ratio:.3f}x (target <= {FOLDED_TARGET}x)") \
+        if ratio > FOLDED_TARGET else None
+    record.put("folded", s=folded_s, ratio=ratio, target=FOLDED_TARGET, peak=common.peak_bytes(device),
+               fold_s=fold_s, layers=layers, profile=profile)
     restore_s, _ = common.wall(lambda: lora.apply_loras(model, []), device)
     _, restored_out = common.time_fn(run, device, 0, 1)
     restored_ok = torch.equal(restored_out, base_out)
-    ratio = folded_s / base_s
+    record.put("folded", restore_s=restore_s, restored_exact=restored_ok)
     return [
         [f"forward with the LoRA folded into the weights ({layers} layers)", common.fmt_ms(folded_s),
-         f"{ratio:.3f}x", f"<= {FORWARD_TARGET}x {'ok' if ratio <= FORWARD_TARGET else 'MISSED'}"],
+         f"{ratio:.3f}x", f"<= {FOLDED_TARGET}x {'ok' if ratio <= FOLDED_TARGET else 'MISSED'}"],
         ["fold (first sampling run after a LoRA change)", f"{fold_s:.2f} s", "-",
          f"<= {APPLY_TARGET_S:.0f} s {'ok' if fold_s <= APPLY_TARGET_S else 'MISSED'}"],
         ["remove a folded LoRA (restore the weights from the file)", f"{restore_s:.2f} s", "-", "-"],

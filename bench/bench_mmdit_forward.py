@@ -31,7 +31,14 @@ from pathlib import Path
 
 import torch
 
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common
+
 ROOT = Path(__file__).resolve().parent.parent
+FLOOR_TARGET = 1.25  # ours at 1328^2 batch 1: <= 1.25x the FLOP floor
+COMFY_TARGET = 0.80  # ours <= 0.80x ComfyUI's native model in the same run
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPILED = "ours+compile"  # ours, its blocks run through torch.compile
 
@@ -69,6 +76,7 @@ def parse_args(argv=None):
                    help="also time ours with torch.compile'd blocks (model_defs/compile.py; first call compiles)")
     p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
                    help="inductor mode of --compile")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -147,6 +155,10 @@ def build_diffusers(cfg, device, dtype):
 def build_comfy(cfg, device, dtype, comfy_path):
     if comfy_path:
         sys.path.insert(0, str(Path(comfy_path).expanduser()))
+    if torch.device(device).type == "cpu":  # ComfyUI's --cpu, before its model management looks for CUDA
+        from comfy.cli_args import args as comfy_args
+
+        comfy_args.cpu = True
     import comfy.ops
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
 
@@ -256,6 +268,8 @@ def main(argv=None) -> dict:
     times: dict[str, dict] = {}
     outputs: dict[str, dict] = {}
     notes = []
+    record = common.Record(args.json, device, dtype=args.dtype, layers=cfg.num_layers, peak_flops=args.peak, sizes=args.sizes,
+                           text_tokens=args.text_tokens, floor_target=FLOOR_TARGET, comfy_target=COMFY_TARGET)
     builders = {
         "ours": lambda: build_ours(cfg, device, dtype, mmdit),
         COMPILED: lambda: build_ours(cfg, device, dtype, mmdit),
@@ -282,13 +296,23 @@ def main(argv=None) -> dict:
                         run(*inputs)
                         sync(device)
                         print(f"  {name} {size}^2 batch {batch}: first call {time.perf_counter() - first:.1f} s")
+                    common.reset_peak(device)
                     seconds, out = time_forward(run, inputs, device, args.warmup, args.iters)
                 except (torch.OutOfMemoryError, MemoryError) as e:
                     notes.append(f"{name} {size}^2 b{batch}: out of memory ({e})")
+                    record.put(f"{name} {size}^2 b{batch}", error=f"out of memory: {e}")
                     free(device)
                     continue
                 times[name][(size, batch)] = seconds
                 outputs[name][(size, batch)] = out.float().cpu()
+                floor = flop_count(cfg, (size // 8 // cfg.patch_size) ** 2, args.text_tokens, batch) / args.peak
+                record.put(f"{name} {size}^2 b{batch}", model=name, size=size, batch=batch, s=seconds, floor_s=floor,
+                           vs_floor=seconds / floor, peak=common.peak_bytes(device))
+                if name == "ours" and (size, batch) == shapes[0]:  # the one the targets are about, profiled whenever asked
+                    record.put(f"{name} {size}^2 b{batch}", profile=common.profile_miss(
+                        args, f"mmdit_ours_{size}_b{batch}", lambda: run(*inputs), device,
+                        f"our {args.dtype} MMDiT forward {size}^2 batch {batch}: {seconds / floor:.2f}x the FLOP floor "
+                        f"(target <= {FLOOR_TARGET}x; and <= {COMFY_TARGET}x ComfyUI's native model)"))
                 print(f"  {name:9s} {size}^2 batch {batch}: {seconds * 1000:.1f} ms", flush=True)
                 del inputs, out
         del model, run
@@ -296,6 +320,7 @@ def main(argv=None) -> dict:
 
     for note in notes:
         print(note)
+    record.set(notes=notes)
     if "ours" in outputs:
         for name in outputs:
             if name == "ours":

@@ -12,6 +12,9 @@ import contextlib
 import datetime
 import gc
 import importlib
+import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -47,7 +50,17 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--text-tokens", type=int, default=None)
+    add_output_args(p)
     return p
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """The GPU check's outputs (bench/gpu_check.sh): measurements as JSON, profiles of misses."""
+    p.add_argument("--json", default=None,
+                   help="also write the measurements here as JSON (rewritten after each one: a run stopped at a time "
+                        "limit keeps what it measured)")
+    p.add_argument("--profile-dir", default=None,
+                   help="a measurement that misses its target gets a torch.profiler table of its top kernels here")
 
 
 def finish_args(args, warmup: int = 2, iters: int = 5, text_tokens: int = 128):
@@ -331,6 +344,80 @@ def environment(device) -> str:
         pass
     command = "python " + " ".join([str(script)] + sys.argv[1:])
     return f"date {date} | GPU {gpu} | torch {torch.__version__} | commit {commit} | command: {command}"
+
+
+class Record:
+    """One script's measurements for bench/gpu_summary.py: ``put(name, **values)`` saves the
+    JSON file at once (atomically), so a script stopped at its time limit leaves what it did."""
+
+    def __init__(self, path, device, **fields):
+        self.path = Path(path) if path else None
+        device = torch.device(device)
+        self.data = {"script": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "?",
+                     "environment": environment(device),
+                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "rows": {}, **fields}
+        self.save()
+
+    def put(self, name: str, **values) -> None:
+        self.data["rows"].setdefault(name, {}).update(values)
+        self.save()
+
+    def set(self, **fields) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def profile_table(fn, device, rows: int = 25) -> str:
+    """One call of ``fn`` under torch.profiler: its operators and kernels by self device time
+    (CPU time on the CPU), as torch prints them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    events = prof.key_averages()
+    for key in (["self_device_time_total", "self_cuda_time_total"] if cuda else ["self_cpu_time_total"]):
+        try:
+            return events.table(sort_by=key, row_limit=rows)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return events.table(row_limit=rows)
+
+
+def profile_miss(args, name: str, fn, device, title: str) -> str | None:
+    """For a measurement that missed its target: the profile of one more call, written to
+    ``--profile-dir``/profile_<name>.txt (a profiler failure is written there instead)."""
+    if not getattr(args, "profile_dir", None):
+        return None
+    path = Path(args.profile_dir) / f"profile_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        text = profile_table(fn, device)
+    except Exception as e:  # noqa: BLE001 - a profile is extra information, never the reason a run fails
+        text = f"profiling failed: {type(e).__name__}: {e}"
+    path.write_text(f"{title}\n{environment(device)}\n\n{text}\n", encoding="utf-8")
+    print(f"  profile of {name} (missed its target): {path}", flush=True)
+    return str(path)
+
+
+def prepare_fused(model) -> None:
+    """Register the model's GGUF weight shapes for the compiled dequantization kernels, where
+    dequant_cuda decides from the model what to compile (``prepare``); no-op otherwise."""
+    prepare = getattr(pack("model_defs.weights.dequant_cuda"), "prepare", None)
+    if prepare is not None:
+        prepare(model)
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]], notes: list[str] = ()) -> str:

@@ -134,8 +134,14 @@ def _write_gguf(path: Path, state: dict, np) -> None:
 # ----------------------------------------------------------------------------- the server
 
 class ComfyUIServer:
+    """One ComfyUI process. ``device_flags`` default to the CPU (the integration tests);
+    bench/gpu_comfyui.py clears them to run on the GPU and adds its own ``extra_flags``."""
+
     def __init__(self, comfy: Path, python: Path, work: Path):
         self.comfy, self.python, self.work = comfy, python, work
+        self.device_flags: list[str] = ["--cpu"]
+        self.extra_flags: list[str] = []
+        self.start_timeout = START_TIMEOUT
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = work / "comfyui.log"
@@ -173,18 +179,18 @@ class ComfyUIServer:
         cfg = self.write_config()
         self.install_pack()
         cmd = [
-            str(self.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            str(self.python), "main.py", *self.device_flags, "--listen", "127.0.0.1", "--port", str(self.port),
             "--extra-model-paths-config", str(cfg), "--disable-auto-launch",
             "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
             "--temp-directory", str(self.work / "temp"), "--user-directory", str(self.work / "user"),
-            "--database-url", "sqlite:///:memory:",
+            "--database-url", "sqlite:///:memory:", *self.extra_flags,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("QWENIMAGE_")}
         env["PYTHONUNBUFFERED"] = "1"
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with status {self.proc.returncode} while starting:\n{self.log_tail()}")
@@ -196,7 +202,7 @@ class ComfyUIServer:
             if "QwenImageSampler" not in info:
                 raise RuntimeError(f"ComfyUI started without the pack's nodes:\n{self.log_tail()}")
             return
-        raise RuntimeError(f"ComfyUI did not answer within {START_TIMEOUT} s:\n{self.log_tail()}")
+        raise RuntimeError(f"ComfyUI did not answer within {self.start_timeout} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

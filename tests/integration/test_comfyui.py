@@ -98,16 +98,21 @@ def run_cli(server, workflow: Path | str, args: list[str], out: Path, timeout: f
     return sorted(out.iterdir())
 
 
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory):
+def make_picture(folder: Path) -> Path:
+    """The input picture for LoadImage (also used by bench/gpu_comfyui.py)."""
     from PIL import Image
 
     # RGBA: LoadImage's MASK comes from the alpha channel (transparent = inpaint here).
     img = Image.new("RGBA", PICTURE_SIZE, (200, 120, 40, 255))
     img.paste((30, 160, 220, 0), (24, 16, 72, 48))
-    path = tmp_path_factory.mktemp("input") / "input_96x64.png"
+    path = folder / "input_96x64.png"
     img.save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    return make_picture(tmp_path_factory.mktemp("input"))
 
 
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
