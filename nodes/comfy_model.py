@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ..model_defs.weights import lora
+from ..model_defs.weights import dequant_cuda, lora
 from . import placement, runtime
 from .handles import MODEL_TYPE
 from .options import speed_settings
@@ -114,7 +114,11 @@ def comfy_model_for(mmdit: torch.nn.Module):
 def _outer_sample(handle, executor, *args, **kwargs):
     """Around a core sampler's run: this handle's LoRAs and speed options, as our sampler does."""
     lora.apply_loras(handle.module, [(weights, strength) for _, weights, strength in handle.loras])
-    with speed_settings(handle, runtime.compute_device()):
+    device = runtime.compute_device()
+    if device.type == "cuda":
+        dequant_cuda.enable()
+        dequant_cuda.prepare(handle.module)  # this model's GGUF weight shapes get the compiled kernels
+    with speed_settings(handle, device):
         return executor(*args, **kwargs)
 
 

@@ -10,7 +10,7 @@ from ..model_defs import latent_format as lf
 from ..model_defs import sampling as fm
 from ..model_defs import schedule
 from ..model_defs.controlnet import step_hook
-from ..model_defs.weights import lora_bake
+from ..model_defs.weights import dequant_cuda, lora_bake
 from . import controlnet as control_nodes
 from . import placement, runtime
 from .handles import MODEL_TYPE
@@ -236,6 +236,8 @@ def sample(
         progress.update(i + 1, image)
 
     _sync_loras(model)
+    if device.type == "cuda":
+        dequant_cuda.prepare(module)  # this model's GGUF weight shapes get the compiled kernels
     nets = control_nodes.prepared(pos + (neg or []), h, w)
     with placement.on_devices(device, (module, "transformer_blocks"), *[(net, None) for net in nets]) as placed, \
             torch.inference_mode(), speed_settings(model, device):
