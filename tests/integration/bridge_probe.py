@@ -103,6 +103,8 @@ out["auraflow_differs"] = max_diff(core_ksampler(patched, "euler"), core_ksample
 ref = torch.randn(1, 16, 1, H, W, generator=torch.Generator().manual_seed(3))
 pos_ref = conditioning(1, refs=[ref])
 out["reference_latents_vs_ours"] = max_diff(core_custom(model, pos_ref), ours(handle, pos_ref)) < 1e-3
+pos_ref4 = conditioning(1, refs=[ref[:, :, 0]])  # our VAE Encode's LATENT has no frame axis
+out["reference_latents_4d_vs_ours"] = max_diff(core_custom(model, pos_ref4), ours(handle, pos_ref4)) < 1e-3
 
 # 5. A double_block patch (what core QwenImageDiffsynthControlnet installs) runs after each block.
 seen_blocks = []

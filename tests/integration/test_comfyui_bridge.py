@@ -32,6 +32,7 @@ def test_core_samplers_run_our_model_exactly():
         "ksampler_res_multistep_finite": True,
         "auraflow_differs": True,
         "reference_latents_vs_ours": True,
+        "reference_latents_4d_vs_ours": True,
         "double_block_patch_blocks": [0, 1],
         "core_weight_patch_changes_image": True,
         "weights_restored_after_unload": True,
