@@ -225,3 +225,73 @@ def test_every_model_file_has_a_download_link(path, pack_nodes, core_nodes):
             allowed = MODEL_DIRECTORIES.get((node["type"], name))
             if allowed:
                 assert entry["directory"] in allowed, f"{where}: directory {entry['directory']} not in {allowed}"
+
+
+def _layout():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qwenimage_workflow_layout", ROOT / "workflows" / "layout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_nodes_do_not_overlap(path):
+    """Node rectangles as the frontend draws them: title bar above pos, and each body at least as
+    tall as the frontend makes it (it grows a node saved smaller than its widgets need, which is
+    how the Edit-2509 positive prompt came to cover the negative one)."""
+    layout = _layout()
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    for n in wf["nodes"]:
+        need = layout.MIN_HEIGHT.get(n["type"])
+        assert need is not None, f"{path.name}: no frontend height known for {n['type']} (add it to layout.MIN_HEIGHT)"
+        assert n["size"][1] >= need, f"{path.name}: node {n['id']} ({n['type']}) is {n['size'][1]} px tall, the frontend draws {need}"
+    assert layout.overlaps(layout.rectangles(wf["nodes"]), margin=10) == [], path.name
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_shape_of_the_official_templates(path):
+    """Groups around their nodes, a "Model links" note with a link per file, green / red prompts,
+    no saved view (so the frontend fits the graph to the window, note included)."""
+    layout = _layout()
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    assert "ds" not in wf["extra"], "a saved view opens part of the graph off-screen"
+    titles = [g["title"] for g in wf["groups"]]
+    assert titles[0] == "Step 1 - Load models" and any(t.startswith("Step 3 - Prompt") for t in titles), titles
+    rects = layout.rectangles(wf["nodes"])
+    boxes = {g["title"]: (g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+                          g["bounding"][1] + g["bounding"][3]) for g in wf["groups"]}
+    assert layout.overlaps(boxes) == [], "groups overlap"
+    inside = 0
+    for r in rects.values():
+        hits = [t for t, b in boxes.items() if b[0] < r[2] and r[0] < b[2] and b[1] < r[3] and r[1] < b[3]]
+        assert len(hits) <= 1, f"a node straddles groups {hits}"
+        if hits:
+            b = boxes[hits[0]]
+            assert b[0] <= r[0] and r[2] <= b[2] and b[1] + 30 <= r[1] and r[3] <= b[3], f"a node sticks out of {hits[0]}"
+            inside += 1
+    assert inside >= 4
+    notes = {n.get("title"): n for n in wf["nodes"] if n["type"] == "MarkdownNote"}
+    links = notes["Model links"]["widgets_values"][0]
+    for n in wf["nodes"]:
+        for m in n["properties"].get("models", []):
+            assert f"[{m['name']}]({m['url']})" in links and f"📂 {m['directory']}/" in links, m["name"]
+    prompts = {n.get("title"): n for n in wf["nodes"] if n["type"] in ("QwenImageTextEncode", "QwenImageEditEncode")}
+    for title, node in prompts.items():
+        assert node.get("bgcolor") == ("#533" if "Negative" in title else "#353"), title
+
+
+def test_loader_widths_show_whole_labels():
+    """The loaders' combo widgets show label and file name side by side: the node is wide enough
+    for both (a 320 px loader cut "model_name" to "mo...")."""
+    layout = _layout()
+    for path in WORKFLOWS:
+        wf = json.loads(path.read_text(encoding="utf-8"))
+        for n in wf["nodes"]:
+            if n["type"].endswith("Loader"):
+                inputs = {"QwenImageDiTLoader": ["model_name"], "QwenImageTextEncoderLoader": ["text_encoder_name"],
+                          "QwenImageVAELoader": ["vae_name"], "QwenImageLoraLoader": ["lora_name"],
+                          "QwenImageControlNetLoader": ["controlnet_name"]}[n["type"]]
+                need = layout.widget_width(inputs[0], n["widgets_values"][0])
+                assert n["size"][0] >= need, (path.name, n["type"], n["size"][0], need)

@@ -11,10 +11,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 HERE = Path(__file__).resolve().parent
 for _p in (HERE, HERE / "specs"):  # specs import `build` and each other by module name
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+from layout import COLORS, NOTE_WIDTH, place  # noqa: E402  (after the path set-up above)
+
 HF = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
 
 MODELS = {
@@ -46,11 +49,17 @@ class Node:
     type: str
     widgets: dict  # widget name -> value, in the node's widget order
     inputs: dict = field(default_factory=dict)  # socket name -> (node id, slot, type)
-    pos: tuple = (0, 0)
-    size: tuple = (320, 120)
+    pos: tuple = (0, 0)  # ignored: layout.py places every node
+    size: tuple | None = None  # (width, height) wanted; layout.py makes it at least what the frontend draws
     title: str | None = None
     models: list = field(default_factory=list)
     bypassed: bool = False  # shipped switched off (UI mode 4): the user turns it on with Ctrl+B
+    group: str | None = None  # overrides the group (and column) its type gets in ROLES
+    column: int | None = None
+
+    def __post_init__(self):
+        self.size_given = self.size is not None
+        self.size = tuple(self.size or (320, 120))
 
 
 def _models_property(names):
@@ -58,6 +67,7 @@ def _models_property(names):
 
 
 def ui_workflow(nodes: list[Node]) -> dict:
+    groups = arrange(nodes)
     links, next_link = [], 1
     out_links: dict[tuple[int, int], list[int]] = {}
     ui_nodes = []
@@ -85,6 +95,7 @@ def ui_workflow(nodes: list[Node]) -> dict:
         }
         if n.title:
             node["title"] = n.title
+        node.update(_colors(n))
         result_nodes.append(node)
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "qwenimage/" + "/".join(n.type for n in nodes))),
@@ -93,11 +104,92 @@ def ui_workflow(nodes: list[Node]) -> dict:
         "last_link_id": next_link - 1,
         "nodes": result_nodes,
         "links": links,
-        "groups": [],
+        "groups": groups,
         "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        # No saved view (ds): both frontends then fit the whole graph to the window on open.
+        "extra": {},
         "version": 0.4,
     }
+
+
+def _colors(n: Node) -> dict:
+    if n.type == "MarkdownNote":
+        return dict(COLORS["note"])
+    if n.title and "Negative" in n.title:
+        return dict(COLORS["negative"])
+    if n.title and ("Positive" in n.title or n.title == "Prompt"):
+        return dict(COLORS["positive"])
+    return {}
+
+
+# Where each node type goes: (column, rank within the column, group title). See layout.py.
+ROLES = {
+    "MarkdownNote:Model links": (0, 0, None),
+    "QwenImageDiTLoader": (1, 0, "Step 1 - Load models"),
+    "QwenImageTextEncoderLoader": (1, 1, "Step 1 - Load models"),
+    "QwenImageVAELoader": (1, 2, "Step 1 - Load models"),
+    "QwenImageControlNetLoader": (1, 3, "Step 1 - Load models"),
+    "QwenImageAsComfyModel": (1, 4, "Step 1 - Load models"),
+    "ModelSamplingAuraFlow": (1, 5, "Step 1 - Load models"),
+    "QwenImageEmptyLatent": (1, 10, "Step 2 - Image size"),
+    "LoadImage": (1, 10, "Step 2 - Load image"),
+    "QwenImageLoraLoader": (2, 0, "LoRA (Lightning 8 steps)"),
+    "QwenImageTextEncode": (2, 10, "Step 3 - Prompt"),
+    "QwenImageEditEncode": (2, 10, "Step 3 - Prompt"),
+    "Canny": (2, 21, "Step 4 - Control image"),
+    "PreviewImage": (2, 22, "Step 4 - Control image"),
+    "QwenImageVAEEncode": (2, 30, "Masked latent"),
+    "QwenImageInpaintMask": (2, 31, "Masked latent"),
+    "QwenImageSpeedOptions": (2, 40, "Optional: faster (select, Ctrl+B)"),
+    "QwenImageTorchCompile": (2, 41, "Optional: faster (select, Ctrl+B)"),
+    "QwenImageControlNetApply": (3, 0, None),
+    "QwenImageSampler": (3, 1, None),
+    "KSampler": (3, 1, None),
+    "MarkdownNote": (3, 9, None),
+    "QwenImageVAEDecode": (4, 0, None),
+    "QwenImageMatchSize": (4, 1, None),
+    "SaveImage": (4, 2, None),
+}
+
+
+def arrange(nodes: list[Node]) -> list[dict]:
+    """Add the generated "Model links" note, place every node and return the groups."""
+    if not any(n.title == "Model links" for n in nodes):
+        names = [m for n in nodes for m in n.models]
+        nodes.append(Node(max(n.id for n in nodes) + 1, "MarkdownNote", {"text": model_links(names)},
+                          size=(NOTE_WIDTH, 0), title="Model links"))
+    entries: dict[tuple, list] = {}
+    for order, n in enumerate(nodes):
+        role = ROLES.get(f"{n.type}:{n.title}") or ROLES[n.type]
+        column = n.column if n.column is not None else role[0]
+        title = n.group or role[2]
+        key = (column, title if title else f"#{n.id}")
+        entries.setdefault(key, []).append((role[1], order, n.id))
+    columns: dict[int, list] = {}
+    for (column, key), members in sorted(entries.items(), key=lambda kv: (kv[0][0], min(kv[1]))):
+        members.sort()
+        columns.setdefault(column, []).append((None if key.startswith("#") else key, [i for _r, _o, i in members]))
+    by_id = {n.id: n for n in nodes}
+    return place([columns[c] for c in sorted(columns)], by_id)
+
+
+def model_links(names: list[str]) -> str:
+    """The note of the official templates: a download link per file, then where each one goes."""
+    by_dir: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        by_dir.setdefault(MODELS[name][1], []).append(name)
+    lines = ["## Model links", "", "Download the files (the *Missing Models* dialog offers the same links):", ""]
+    for name in dict.fromkeys(names):
+        lines.append(f"- [{name}]({MODELS[name][0]})")
+    lines += ["", "**Model storage location**", "", "```", "📂 ComfyUI/", "├── 📂 models/"]
+    dirs = list(by_dir)
+    for k, d in enumerate(dirs):
+        last_dir = k == len(dirs) - 1
+        lines.append(f"│   {'└' if last_dir else '├'}── 📂 {d}/")
+        for j, name in enumerate(by_dir[d]):
+            lines.append(f"│   {' ' if last_dir else '│'}   {'└' if j == len(by_dir[d]) - 1 else '├'}── {name}")
+    lines.append("```")
+    return "\n".join(lines) + "\n"
 
 
 def _through_bypassed(by_id: dict, src: int, slot: int, typ: str) -> tuple[int, int]:

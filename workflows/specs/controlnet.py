@@ -71,31 +71,28 @@ The inpaint patch also takes a mask. {SIZE_RULE}
 """
 
 
-def _base(dit_pos=(20, 40)) -> list[Node]:
+def _base() -> list[Node]:
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"},
-             pos=dit_pos, models=["qwen_image_fp8_e4m3fn.safetensors"]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"},
-             pos=(20, 200), models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
-        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, pos=(20, 360), models=["qwen_image_vae.safetensors"]),
+        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"}, models=["qwen_image_fp8_e4m3fn.safetensors"]),
+        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"}, models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
+        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, models=["qwen_image_vae.safetensors"]),
     ]
 
 
 def _graph(cn_file: str, prompt: str, note: str, canny: bool, mask: bool, steps: int, size=(1328, 1328)) -> list[Node]:
     nodes = _base()
     nodes += [
-        Node(4, "QwenImageControlNetLoader", {"controlnet_name": cn_file, "weight_dtype": "default"}, pos=(20, 480), models=[cn_file]),
-        Node(5, "LoadImage", {"image": "example.png"}, pos=(20, 620), size=(320, 360)),
-        Node(6, "QwenImageTextEncode", {"prompt": prompt}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")},
-             pos=(380, 40), size=(420, 200), title="Positive prompt"),
-        Node(7, "QwenImageTextEncode", {"prompt": " "}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")},
-             pos=(380, 280), size=(420, 120), title="Negative prompt"),
+        Node(4, "QwenImageControlNetLoader", {"controlnet_name": cn_file, "weight_dtype": "default"}, models=[cn_file]),
+        Node(5, "LoadImage", {"image": "example.png"}, size=(320, 360), column=2,
+             group="Step 4 - Image and mask" if mask else "Step 4 - Control image"),
+        Node(6, "QwenImageTextEncode", {"prompt": prompt}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 200), title="Positive prompt"),
+        Node(7, "QwenImageTextEncode", {"prompt": " "}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 120), title="Negative prompt"),
     ]
     image_src = (5, 0, "IMAGE")
     if canny:
         nodes += [
-            Node(8, "Canny", {"low_threshold": 0.1, "high_threshold": 0.2}, inputs={"image": (5, 0, "IMAGE")}, pos=(380, 620)),
-            Node(9, "PreviewImage", {}, inputs={"images": (8, 0, "IMAGE")}, pos=(380, 760), size=(320, 320)),
+            Node(8, "Canny", {"low_threshold": 0.1, "high_threshold": 0.2}, inputs={"image": (5, 0, "IMAGE")}),
+            Node(9, "PreviewImage", {}, inputs={"images": (8, 0, "IMAGE")}, size=(320, 320)),
         ]
         image_src = (8, 0, "IMAGE")
     apply_inputs = {
@@ -105,18 +102,16 @@ def _graph(cn_file: str, prompt: str, note: str, canny: bool, mask: bool, steps:
     if mask:
         apply_inputs["mask"] = (5, 1, "MASK")
     nodes += [
-        Node(10, "QwenImageControlNetApply", {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}, inputs=apply_inputs,
-             pos=(840, 40), size=(320, 200)),
-        Node(11, "QwenImageEmptyLatent", {"width": size[0], "height": size[1], "batch_size": 1, "aspect_ratio": "custom"}, pos=(840, 300)),
+        Node(10, "QwenImageControlNetApply", {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}, inputs=apply_inputs, size=(320, 200)),
+        Node(11, "QwenImageEmptyLatent", {"width": size[0], "height": size[1], "batch_size": 1, "aspect_ratio": "custom"}),
         Node(12, "QwenImageSampler",
              {"seed": 42, "$control_after_generate": "randomize", "steps": steps, "cfg": 4.0, "shift_mode": "dynamic", "shift": 3.0,
               "sampler_name": "euler", "denoise": 1.0},
              inputs={"model": (1, 0, "QWENIMAGE_MODEL"), "positive": (10, 0, "CONDITIONING"), "latent_image": (11, 0, "LATENT"),
-                     "negative": (10, 1, "CONDITIONING")},
-             pos=(1200, 40), size=(320, 300)),
-        Node(13, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (12, 0, "LATENT")}, pos=(1560, 40)),
-        Node(14, "SaveImage", {"filename_prefix": "qwen-image-controlnet"}, inputs={"images": (13, 0, "IMAGE")}, pos=(1560, 200), size=(400, 440)),
-        Node(15, "MarkdownNote", {"text": note}, pos=(-440, 40), size=(420, 460), title="Read me"),
+                     "negative": (10, 1, "CONDITIONING")}, size=(320, 300)),
+        Node(13, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (12, 0, "LATENT")}),
+        Node(14, "SaveImage", {"filename_prefix": "qwen-image-controlnet"}, inputs={"images": (13, 0, "IMAGE")}, size=(400, 440)),
+        Node(15, "MarkdownNote", {"text": note}, size=(420, 460), title="Read me"),
     ]
     return nodes
 

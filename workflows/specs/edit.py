@@ -29,11 +29,9 @@ so unchanged parts stay exactly where they were. sizing `reference` reproduces d
 
 def _loaders(model: str, variant: str, weight_dtype: str = "default") -> list[Node]:
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": model, "weight_dtype": weight_dtype, "variant": variant},
-             pos=(20, 40), models=[model]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": TE, "weight_dtype": "default", "mmproj_name": "none"},
-             pos=(20, 200), models=[TE]),
-        Node(3, "QwenImageVAELoader", {"vae_name": VAE}, pos=(20, 360), models=[VAE]),
+        Node(1, "QwenImageDiTLoader", {"model_name": model, "weight_dtype": weight_dtype, "variant": variant}, models=[model]),
+        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": TE, "weight_dtype": "default", "mmproj_name": "none"}, models=[TE]),
+        Node(3, "QwenImageVAELoader", {"vae_name": VAE}, models=[VAE]),
     ]
 
 
@@ -42,27 +40,24 @@ def _edit_graph(model, variant, encode_variant, prompt, images, steps, note, wei
     nodes = _loaders(model, variant, weight_dtype)
     image_inputs = {}
     for i, (nid, title) in enumerate(images):
-        nodes.append(Node(nid, "LoadImage", {"image": "example.png"}, pos=(20, 520 + 360 * i), size=(320, 320), title=title))
+        nodes.append(Node(nid, "LoadImage", {"image": "example.png"}, size=(320, 320), title=title,
+                          group="Step 2 - Load images" if len(images) > 1 else "Step 2 - Load image"))
         image_inputs[f"image{i + 1}"] = (nid, 0, "IMAGE")
     common = {"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER"), "vae": (3, 0, "QWENIMAGE_VAE")}
     nodes += [
         Node(4, "QwenImageEditEncode", {"prompt": prompt, "variant": encode_variant, "sizing": "preserve"},
-             inputs={**common, **image_inputs}, pos=(380, 40), size=(420, 220), title="Positive prompt"),
+             inputs={**common, **image_inputs}, size=(420, 220), title="Positive prompt"),
         Node(5, "QwenImageEditEncode", {"prompt": " ", "variant": encode_variant, "sizing": "preserve"},
-             inputs={**common, **image_inputs}, pos=(380, 300), size=(420, 160), title="Negative prompt"),
+             inputs={**common, **image_inputs}, size=(420, 160), title="Negative prompt"),
         Node(7, "QwenImageSampler",
              {"seed": 42, "$control_after_generate": "randomize", "steps": steps, "cfg": 4.0, "shift_mode": "dynamic",
               "shift": 3.0, "sampler_name": "euler", "denoise": 1.0},
              inputs={"model": (1, 0, "QWENIMAGE_MODEL"), "positive": (4, 0, "CONDITIONING"), "latent_image": (4, 1, "LATENT"),
-                     "negative": (5, 0, "CONDITIONING")},
-             pos=(840, 40), size=(320, 300)),
-        Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")},
-             pos=(1200, 40)),
-        Node(9, "QwenImageMatchSize", {}, inputs={"images": (8, 0, "IMAGE"), "reference": (images[-1][0], 0, "IMAGE")},
-             pos=(1200, 180), size=(280, 80)),
-        Node(10, "SaveImage", {"filename_prefix": "qwen-image-edit"}, inputs={"images": (9, 0, "IMAGE")},
-             pos=(1200, 300), size=(400, 440)),
-        Node(11, "MarkdownNote", {"text": note}, pos=(-440, 40), size=(420, 520), title="Read me"),
+                     "negative": (5, 0, "CONDITIONING")}, size=(320, 300)),
+        Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")}),
+        Node(9, "QwenImageMatchSize", {}, inputs={"images": (8, 0, "IMAGE"), "reference": (images[-1][0], 0, "IMAGE")}, size=(280, 80)),
+        Node(10, "SaveImage", {"filename_prefix": "qwen-image-edit"}, inputs={"images": (9, 0, "IMAGE")}, size=(400, 440)),
+        Node(11, "MarkdownNote", {"text": note}, size=(420, 520), title="Read me"),
     ]
     return nodes
 
@@ -129,30 +124,23 @@ def edit_2511() -> list[Node]:
 
 def inpaint() -> list[Node]:
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"},
-             pos=(20, 40), models=["qwen_image_fp8_e4m3fn.safetensors"]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": TE, "weight_dtype": "default", "mmproj_name": "none"},
-             pos=(20, 200), models=[TE]),
-        Node(3, "QwenImageVAELoader", {"vae_name": VAE}, pos=(20, 360), models=[VAE]),
-        Node(6, "LoadImage", {"image": "example.png"}, pos=(20, 520), size=(320, 320), title="Image + mask"),
+        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"}, models=["qwen_image_fp8_e4m3fn.safetensors"]),
+        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": TE, "weight_dtype": "default", "mmproj_name": "none"}, models=[TE]),
+        Node(3, "QwenImageVAELoader", {"vae_name": VAE}, models=[VAE]),
+        Node(6, "LoadImage", {"image": "example.png"}, size=(320, 320), title="Image + mask", group="Step 2 - Image and mask"),
         Node(4, "QwenImageTextEncode", {"prompt": "a vase of sunflowers on the table"},
-             inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, pos=(380, 40), size=(420, 160), title="Positive prompt"),
-        Node(5, "QwenImageTextEncode", {"prompt": " "}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")},
-             pos=(380, 240), size=(420, 120), title="Negative prompt"),
-        Node(12, "QwenImageVAEEncode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "pixels": (6, 0, "IMAGE")},
-             pos=(380, 400)),
-        Node(13, "QwenImageInpaintMask", {}, inputs={"samples": (12, 0, "LATENT"), "mask": (6, 1, "MASK")}, pos=(380, 520)),
+             inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 160), title="Positive prompt"),
+        Node(5, "QwenImageTextEncode", {"prompt": " "}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 120), title="Negative prompt"),
+        Node(12, "QwenImageVAEEncode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "pixels": (6, 0, "IMAGE")}),
+        Node(13, "QwenImageInpaintMask", {}, inputs={"samples": (12, 0, "LATENT"), "mask": (6, 1, "MASK")}),
         Node(7, "QwenImageSampler",
              {"seed": 42, "$control_after_generate": "randomize", "steps": 50, "cfg": 4.0, "shift_mode": "dynamic",
               "shift": 3.0, "sampler_name": "euler", "denoise": 0.9},
              inputs={"model": (1, 0, "QWENIMAGE_MODEL"), "positive": (4, 0, "CONDITIONING"), "latent_image": (13, 0, "LATENT"),
-                     "negative": (5, 0, "CONDITIONING")},
-             pos=(840, 40), size=(320, 300)),
-        Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")},
-             pos=(1200, 40)),
-        Node(10, "SaveImage", {"filename_prefix": "qwen-image-inpaint"}, inputs={"images": (8, 0, "IMAGE")},
-             pos=(1200, 200), size=(400, 440)),
-        Node(11, "MarkdownNote", {"text": INPAINT_NOTE}, pos=(-440, 40), size=(420, 400), title="Read me"),
+                     "negative": (5, 0, "CONDITIONING")}, size=(320, 300)),
+        Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")}),
+        Node(10, "SaveImage", {"filename_prefix": "qwen-image-inpaint"}, inputs={"images": (8, 0, "IMAGE")}, size=(400, 440)),
+        Node(11, "MarkdownNote", {"text": INPAINT_NOTE}, size=(420, 400), title="Read me"),
     ]
 
 

@@ -29,16 +29,15 @@ For a given seed the result matches diffusers' QwenImagePipeline.
 """
 
 
-def speed_nodes(model: tuple, fp8_matmul: str, pos: tuple = (20, 500), ids: tuple = (11, 12)) -> list[Node]:
+def speed_nodes(model: tuple, fp8_matmul: str, ids: tuple = (11, 12)) -> list[Node]:
     """Speed Options -> Torch Compile after ``model`` (node id, slot), both shipped bypassed;
     the sampler takes its model from the second one (``ids[1]``, slot 0)."""
     first, second = ids
-    x, y = pos
     return [
         Node(first, "QwenImageSpeedOptions", {"attention": "sdpa", "fp8_matmul": fp8_matmul},
-             inputs={"model": (*model, "QWENIMAGE_MODEL")}, pos=(x, y), bypassed=True),
+             inputs={"model": (*model, "QWENIMAGE_MODEL")}, bypassed=True),
         Node(second, "QwenImageTorchCompile", {"backend": "inductor", "mode": "default"},
-             inputs={"model": (first, 0, "QWENIMAGE_MODEL")}, pos=(x, y + 140), bypassed=True),
+             inputs={"model": (first, 0, "QWENIMAGE_MODEL")}, bypassed=True),
     ]
 
 
@@ -46,25 +45,20 @@ def t2i_graph(model_name: str, note: str, prefix: str) -> list[Node]:
     """The official text-to-image graph around the diffusion model file ``model_name``."""
     fp8 = "auto" if "fp8" in model_name else "off"
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": model_name, "weight_dtype": "default", "variant": "auto"},
-             pos=(20, 40), models=[model_name]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"},
-             pos=(20, 200), models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
-        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, pos=(20, 360), models=["qwen_image_vae.safetensors"]),
-        Node(4, "QwenImageTextEncode", {"prompt": T2I_PROMPT}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")},
-             pos=(380, 40), size=(420, 200), title="Positive prompt"),
-        Node(5, "QwenImageTextEncode", {"prompt": " "}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")},
-             pos=(380, 280), size=(420, 120), title="Negative prompt"),
-        Node(6, "QwenImageEmptyLatent", {"width": 1328, "height": 1328, "batch_size": 1, "aspect_ratio": "1:1 (1328x1328)"}, pos=(380, 440)),
+        Node(1, "QwenImageDiTLoader", {"model_name": model_name, "weight_dtype": "default", "variant": "auto"}, models=[model_name]),
+        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"}, models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
+        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, models=["qwen_image_vae.safetensors"]),
+        Node(4, "QwenImageTextEncode", {"prompt": T2I_PROMPT}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 200), title="Positive prompt"),
+        Node(5, "QwenImageTextEncode", {"prompt": " "}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 120), title="Negative prompt"),
+        Node(6, "QwenImageEmptyLatent", {"width": 1328, "height": 1328, "batch_size": 1, "aspect_ratio": "1:1 (1328x1328)"}),
         Node(7, "QwenImageSampler",
              {"seed": 42, "$control_after_generate": "randomize", "steps": 50, "cfg": 4.0, "shift_mode": "dynamic", "shift": 3.0,
               "sampler_name": "euler", "denoise": 1.0},
              inputs={"model": (12, 0, "QWENIMAGE_MODEL"), "positive": (4, 0, "CONDITIONING"), "latent_image": (6, 0, "LATENT"),
-                     "negative": (5, 0, "CONDITIONING")},
-             pos=(840, 40), size=(320, 300)),
-        Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")}, pos=(1200, 40)),
-        Node(9, "SaveImage", {"filename_prefix": prefix}, inputs={"images": (8, 0, "IMAGE")}, pos=(1200, 200), size=(400, 440)),
-        Node(10, "MarkdownNote", {"text": note}, pos=(-420, 40), size=(400, 560), title="Read me"),
+                     "negative": (5, 0, "CONDITIONING")}, size=(320, 300)),
+        Node(8, "QwenImageVAEDecode", {"tiled": "auto"}, inputs={"vae": (3, 0, "QWENIMAGE_VAE"), "samples": (7, 0, "LATENT")}),
+        Node(9, "SaveImage", {"filename_prefix": prefix}, inputs={"images": (8, 0, "IMAGE")}, size=(400, 440)),
+        Node(10, "MarkdownNote", {"text": note}, size=(400, 560), title="Read me"),
     ] + speed_nodes((1, 0), fp8)
 
 
