@@ -74,6 +74,7 @@ def main(argv=None) -> dict:
     fm = common.pack("model_defs.sampling")
     latent_format = common.pack("model_defs.latent_format")
     fp8_matmul = common.pack("model_defs.fp8_matmul")
+    run_options = common.pack("model_defs.run_options")
     print(common.environment(device))
 
     text_encoder, te_cfg = build_text_encoder(device, args.smoke)
@@ -82,9 +83,11 @@ def main(argv=None) -> dict:
     if args.smoke:
         cfg.joint_attention_dim = te_cfg.hidden_size
     model = common.build_mmdit(cfg, device)
+    options = run_options.RunOptions(fp8_matmul=None)  # the MMDiT's calls only: the text encoder keeps its defaults
     if args.weights == "fp8":
         common.to_fp8(model)
-        fp8_matmul.set_enabled(fp8_matmul.device_supports(device) or args.smoke, allow_cpu=args.smoke)
+        if fp8_matmul.device_supports(device) or args.smoke:
+            options = run_options.RunOptions(fp8_matmul="auto", fp8_on_cpu=args.smoke)
     elif args.weights != "bf16":
         common.to_gguf(model, args.weights)
         common.pack("model_defs.weights.dequant_cuda").enable()
@@ -117,7 +120,7 @@ def main(argv=None) -> dict:
         (Lightning), as the sampler node does."""
         if neg is None:
             def velocity(x, sigma):
-                return model(x.to(torch.bfloat16), sigma, pos).float()
+                return model(x.to(torch.bfloat16), sigma, pos, options=options).float()
         else:
             n = max(pos.shape[1], neg.shape[1])
             ctx = torch.cat([F.pad(pos, (0, 0, 0, n - pos.shape[1])), F.pad(neg, (0, 0, 0, n - neg.shape[1]))])
@@ -126,7 +129,8 @@ def main(argv=None) -> dict:
             mask[1, : neg.shape[1]] = True
 
             def velocity(x, sigma):
-                out = model(torch.cat([x, x]).to(torch.bfloat16), torch.cat([sigma, sigma]), ctx, context_mask=mask)
+                out = model(torch.cat([x, x]).to(torch.bfloat16), torch.cat([sigma, sigma]), ctx, context_mask=mask,
+                            options=options)
                 cond, uncond = out.float().chunk(2)
                 return fm.true_cfg(cond, uncond, cfg_scale)
 
@@ -150,31 +154,28 @@ def main(argv=None) -> dict:
     record = common.Record(args.json, device, size=args.size, steps=args.steps, cfg=args.cfg, weights=args.weights,
                            target_s=args.target_s)
     timings = {}
-    try:
-        if not args.smoke:  # one untimed short pass: kernels, allocator, cuDNN choices
-            pos, neg = encode(args.cfg)
-            decode(sample(pos, neg, args.cfg, sigmas[-3:]))
-        common.reset_peak(device)
-        timings["text encode" + (" (prompt + negative)" if args.cfg != 1 else " (prompt)")], (pos, neg) = \
-            common.wall(lambda: encode(args.cfg), device)
-        timings[f"sampling ({args.steps} steps, cfg {args.cfg:g}{', batched' if args.cfg != 1 else ''})"], x = \
-            common.wall(lambda: sample(pos, neg, args.cfg, sigmas), device)
-        timings["VAE decode"], img = common.wall(lambda: decode(x), device)
-        total = sum(timings.values())
-        peak = common.peak_bytes(device)
-        missed = args.target_s is not None and total > args.target_s
-        record.put("generation", total_s=total, stages=timings, per_step_s=list(timings.values())[1] / args.steps,
-                   peak=peak, finite=bool(torch.isfinite(img).all()))
-        if missed:
-            record.put("generation", profile=common.profile_miss(
-                args, "e2e_generation", generate, device,
-                f"end-to-end {args.size}^2, {args.steps} steps, cfg {args.cfg:g}: {total:.2f} s (target <= {args.target_s} s)"))
-        cfg_step = cfg_step_seconds(args, encode, sample, sigmas, device)
-        if cfg_step is not None:
-            record.put("cfg step", cfg=args.cfg_step, s_per_step=cfg_step,
-                       estimate_50_steps_s=timings_estimate(timings, cfg_step, encode, args, device))
-    finally:
-        fp8_matmul.set_enabled(False)
+    if not args.smoke:  # one untimed short pass: kernels, allocator, cuDNN choices
+        pos, neg = encode(args.cfg)
+        decode(sample(pos, neg, args.cfg, sigmas[-3:]))
+    common.reset_peak(device)
+    timings["text encode" + (" (prompt + negative)" if args.cfg != 1 else " (prompt)")], (pos, neg) = \
+        common.wall(lambda: encode(args.cfg), device)
+    timings[f"sampling ({args.steps} steps, cfg {args.cfg:g}{', batched' if args.cfg != 1 else ''})"], x = \
+        common.wall(lambda: sample(pos, neg, args.cfg, sigmas), device)
+    timings["VAE decode"], img = common.wall(lambda: decode(x), device)
+    total = sum(timings.values())
+    peak = common.peak_bytes(device)
+    missed = args.target_s is not None and total > args.target_s
+    record.put("generation", total_s=total, stages=timings, per_step_s=list(timings.values())[1] / args.steps,
+               peak=peak, finite=bool(torch.isfinite(img).all()))
+    if missed:
+        record.put("generation", profile=common.profile_miss(
+            args, "e2e_generation", generate, device,
+            f"end-to-end {args.size}^2, {args.steps} steps, cfg {args.cfg:g}: {total:.2f} s (target <= {args.target_s} s)"))
+    cfg_step = cfg_step_seconds(args, encode, sample, sigmas, device)
+    if cfg_step is not None:
+        record.put("cfg step", cfg=args.cfg_step, s_per_step=cfg_step,
+                   estimate_50_steps_s=timings_estimate(timings, cfg_step, encode, args, device))
     rows = [[k, f"{v:.2f} s"] for k, v in timings.items()]
     rows.append(["per step", f"{list(timings.values())[1] / args.steps:.3f} s"])
     rows.append(["total" + (f" (target <= {args.target_s:g} s)" if args.target_s is not None else ""),

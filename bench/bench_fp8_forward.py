@@ -41,15 +41,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
     fp8_matmul = common.pack("model_defs.fp8_matmul")
+    RunOptions = common.pack("model_defs.run_options").RunOptions
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)
     model = common.build_mmdit(cfg, device)
     inputs = {b: common.mmdit_inputs(cfg, args.size, b, args.text_tokens, device) for b in args.batches}
+    options = {"run": RunOptions(fp8_matmul=None)}  # the rows' float8 setting, passed with each forward
 
     def forward(batch):
         def run():
             with torch.inference_mode():
-                return model(*inputs[batch])
+                return model(*inputs[batch], options=options["run"])
         return run
 
     def timed(batch):
@@ -80,17 +82,11 @@ def main(argv=None) -> dict:
     modes = [("fp8 weights, dequantized", None)]
     if supported:
         modes += [("fp8 matmul, row scales", "row"), ("fp8 matmul, tensor scales", "tensor")]
-    try:
-        for label, mode in modes:
-            if mode is None:
-                fp8_matmul.set_enabled(False)
-            else:
-                fp8_matmul.set_enabled(True, mode=mode, allow_cpu=args.smoke)
-            for b in args.batches:
-                measure(label, b)
-            print(f"  {label}: done", flush=True)
-    finally:
-        fp8_matmul.set_enabled(False)
+    for label, mode in modes:
+        options["run"] = RunOptions(fp8_matmul=mode, fp8_on_cpu=args.smoke)
+        for b in args.batches:
+            measure(label, b)
+        print(f"  {label}: done", flush=True)
 
     rows = []
     for b in args.batches:

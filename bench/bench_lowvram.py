@@ -63,6 +63,7 @@ def main(argv=None) -> dict:
     streaming = common.pack("model_defs.streaming")
     offload = common.pack("model_defs.offload")
     fp8_matmul = common.pack("model_defs.fp8_matmul")
+    RunOptions = common.pack("model_defs.run_options").RunOptions
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)
     inputs_cpu = common.mmdit_inputs(cfg, args.size, args.batch, args.text_tokens, "cpu")
@@ -75,44 +76,40 @@ def main(argv=None) -> dict:
         block_total = common.module_bytes(blocks)
         head = [m for m in model.children() if m is not blocks]
         head_bytes = total - block_total
-        if fmt == "fp8" and fp8_fast:
-            fp8_matmul.set_enabled(True)
-        try:
-            for cap in args.caps:
-                budget = int((cap - args.headroom_gb) * common.GIB) - head_bytes
-                keep = 0 if args.simple else streaming.blocks_that_fit(blocks, budget, prefetch=args.prefetch)
-                streamed = sum(streaming.block_bytes(b) for b in list(blocks)[keep:])
-                cell = [fmt, f"{cap:g} GiB", f"{total / common.GIB:.1f} GiB", f"{keep}/{len(blocks)}"]
-                try:
-                    with common.memory_cap(device, cap):
-                        for m in head:
-                            m.to(device)
-                        inputs = tuple(t.to(device) for t in inputs_cpu)
-                        streamer = (offload.BlockStreamer(blocks, device, "cpu") if args.simple else
-                                    streaming.BlockStreamer(blocks, device, "cpu", prefetch=args.prefetch, keep=keep))
-                        with streamer:
-                            def step():
-                                with torch.inference_mode():
-                                    return model(*inputs)
-                            seconds, out = common.time_fn(step, device, args.warmup, args.iters)
-                            finite = bool(torch.isfinite(out).all())
-                            del out
-                        peak = common.peak_bytes(device)
-                        del inputs
-                except (torch.OutOfMemoryError, MemoryError) as e:
-                    rows.append(cell + ["out of memory", "-", "-", str(e).splitlines()[0][:60]])
-                    results[(fmt, cap)] = None
-                    continue
-                finally:
+        options = RunOptions(fp8_matmul="auto" if fmt == "fp8" and fp8_fast else None)
+        for cap in args.caps:
+            budget = int((cap - args.headroom_gb) * common.GIB) - head_bytes
+            keep = 0 if args.simple else streaming.blocks_that_fit(blocks, budget, prefetch=args.prefetch)
+            streamed = sum(streaming.block_bytes(b) for b in list(blocks)[keep:])
+            cell = [fmt, f"{cap:g} GiB", f"{total / common.GIB:.1f} GiB", f"{keep}/{len(blocks)}"]
+            try:
+                with common.memory_cap(device, cap):
                     for m in head:
-                        m.to("cpu")
-                    common.free(device)
-                rate = f"{streamed / seconds / 1e9:.1f} GB/s" if streamed else "-"
-                rows.append(cell + [f"{seconds:.3f} s", common.fmt_gib(peak), rate, "" if finite else "non-finite output"])
-                results[(fmt, cap)] = seconds
-                print(f"  {fmt} at {cap:g} GiB: {seconds:.3f} s/step, {keep} blocks resident", flush=True)
-        finally:
-            fp8_matmul.set_enabled(False)
+                        m.to(device)
+                    inputs = tuple(t.to(device) for t in inputs_cpu)
+                    streamer = (offload.BlockStreamer(blocks, device, "cpu") if args.simple else
+                                streaming.BlockStreamer(blocks, device, "cpu", prefetch=args.prefetch, keep=keep))
+                    with streamer:
+                        def step():
+                            with torch.inference_mode():
+                                return model(*inputs, options=options)
+                        seconds, out = common.time_fn(step, device, args.warmup, args.iters)
+                        finite = bool(torch.isfinite(out).all())
+                        del out
+                    peak = common.peak_bytes(device)
+                    del inputs
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                rows.append(cell + ["out of memory", "-", "-", str(e).splitlines()[0][:60]])
+                results[(fmt, cap)] = None
+                continue
+            finally:
+                for m in head:
+                    m.to("cpu")
+                common.free(device)
+            rate = f"{streamed / seconds / 1e9:.1f} GB/s" if streamed else "-"
+            rows.append(cell + [f"{seconds:.3f} s", common.fmt_gib(peak), rate, "" if finite else "non-finite output"])
+            results[(fmt, cap)] = seconds
+            print(f"  {fmt} at {cap:g} GiB: {seconds:.3f} s/step, {keep} blocks resident", flush=True)
         del model, blocks, head
         common.free(device)
 

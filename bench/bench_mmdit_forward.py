@@ -172,11 +172,12 @@ def build_comfy(cfg, device, dtype, comfy_path):
     return materialize(model, device, dtype)
 
 
-def make_runner(name, model, mmdit, cfg):
-    """fn(x, sigma, context) -> latent velocity [B, C, H, W] for each implementation."""
+def make_runner(name, model, mmdit, cfg, options=None):
+    """fn(x, sigma, context) -> latent velocity [B, C, H, W] for each implementation; ``options``:
+    our model's RunOptions (its attention backend)."""
     p = cfg.patch_size
     if name in ("ours", COMPILED):
-        return lambda x, sigma, context: model(x, sigma, context)
+        return lambda x, sigma, context: model(x, sigma, context, options=options)
     if name == "diffusers":
         def run(x, sigma, context):
             tokens, grid = mmdit.pack_latent(x, p)
@@ -257,8 +258,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     mmdit, attention = import_pack()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    run_options = importlib.import_module("qwenimage_pack.model_defs.run_options")
+    ours = run_options.RunOptions(attention=attention.resolve(args.attention))
     if args.attention != "sdpa":
-        print(f"our attention backend: {attention.set_backend(args.attention)}")
+        print(f"our attention backend: {ours.attention}")
     cfg = model_config(args, mmdit)
     shapes = [(s, b) for s in args.sizes for b in args.batches]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -285,7 +288,7 @@ def main(argv=None) -> dict:
             notes.append(f"{name}: skipped ({type(e).__name__}: {e})")
             free(device)
             continue
-        run = make_runner(name, model, mmdit, cfg)
+        run = make_runner(name, model, mmdit, cfg, ours)
         times[name], outputs[name] = {}, {}
         with torch.inference_mode(), compile_context(name, model, args, notes):
             for size, batch in shapes:

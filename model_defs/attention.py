@@ -1,17 +1,21 @@
 """Attention backends for the models in this pack.
 
-``attention(q, k, v, mask)`` takes ``[B, heads, L, D]`` tensors (any strides whose last dim is
-contiguous; the MMDiT passes transposed views of ``[B, L, heads, D]`` so nothing is copied)
-and returns ``[B, heads, L, D]``. PyTorch SDPA is the default: SageAttention is known to give
-NaN/black images on Ampere (FACTS 7), so the faster kernels are opt-in via ``set_backend``,
-and guarded: a kernel that raises, or whose output is not finite where SDPA's is (checked on
-the first forward at each shape), is dropped for SDPA with one warning.
+``attention(q, k, v, mask, backend)`` takes ``[B, heads, L, D]`` tensors (any strides whose last
+dim is contiguous; the MMDiT passes transposed views of ``[B, L, heads, D]`` so nothing is copied)
+and returns ``[B, heads, L, D]``. The backend is chosen per call (the MMDiT passes its call's
+``RunOptions.attention``); nothing here is switched for the process. PyTorch SDPA is the default:
+SageAttention is known to give NaN/black images on Ampere (FACTS 7), so the faster kernels are
+opt-in, and guarded: a kernel that raises, or whose output is not finite where SDPA's is (checked
+on the first forward at each shape), is dropped for SDPA with one warning.
+
+Process-wide here are only facts about the machine: which optional packages load (``_kernels``)
+and which kernels failed on this GPU (``_failed``: not retried until the process restarts, by
+any caller, since each retry could cost a black image).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +24,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "cudnn", "flash", "sage")
 
-_backend = "sdpa"
-_kernel: Callable | None = None  # the optional package's function, when _backend != "sdpa"
-_failed: dict[str, str] = {}  # backend -> why it was dropped; not retried in this session
+_kernels: dict[str, Callable | None] = {}  # backend -> its loaded function; None: the package is not installed
+_failed: dict[str, str] = {}  # backend -> why it was dropped on this machine; not retried in this process
 
 
 def _load_flash() -> Callable:
@@ -63,77 +66,78 @@ def _load_sage() -> Callable:
     return sageattn
 
 
-def set_backend(name: str) -> str:
-    """Select ``"sdpa"``, ``"cudnn"``, ``"flash"`` or ``"sage"``; returns the backend actually in use.
+def _kernel(name: str) -> Callable | None:
+    """The function behind backend ``name`` (loaded once), or None when calls must use SDPA."""
+    if name in _failed:
+        return None
+    if name not in _kernels:
+        try:
+            _kernels[name] = {"cudnn": _load_cudnn, "flash": _load_flash, "sage": _load_sage}[name]()
+        except ImportError as e:
+            log.warning("attention backend %r is not available (%s); using PyTorch SDPA", name, e)
+            _kernels[name] = None
+    return _kernels[name]
 
-    A backend whose package is not installed falls back to SDPA with a warning, so a workflow
-    saved on one machine still runs on another.
-    """
-    global _backend, _kernel
+
+def resolve(name: str) -> str:
+    """The backend a call asking for ``name`` gets: ``name``, or "sdpa" when its package is not
+    installed (a workflow saved on one machine still runs on another) or it failed earlier in
+    this process. Loads the package, so a run can say so before it starts."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {', '.join(BACKENDS)}")
     if name == "sdpa":
-        _backend, _kernel = "sdpa", None
-        return _backend
+        return name
     if name in _failed:
         log.info("attention backend %r was dropped earlier in this session (%s); using PyTorch SDPA",
                  name, _failed[name])
-        _backend, _kernel = "sdpa", None
-        return _backend
+        return "sdpa"
+    return name if _kernel(name) is not None else "sdpa"
+
+
+def failure(name: str) -> str | None:
+    """Why backend ``name`` was dropped in this process, or None."""
+    return _failed.get(name)
+
+
+def reset() -> None:
+    """Forget loaded kernels, failures and checked shapes (tests; after installing a package)."""
+    _kernels.clear()
+    _failed.clear()
     _checked.clear()
-    try:
-        kernel = {"cudnn": _load_cudnn, "flash": _load_flash, "sage": _load_sage}[name]()
-    except ImportError as e:
-        log.warning("attention backend %r is not available (%s); using PyTorch SDPA", name, e)
-        _backend, _kernel = "sdpa", None
-        return _backend
-    _backend, _kernel = name, kernel
-    return _backend
-
-
-def get_backend() -> str:
-    return _backend
-
-
-@contextlib.contextmanager
-def using(name: str) -> Iterator[str]:
-    """Run the body with backend ``name`` (yields the one actually in use), then restore the
-    previous selection: a node's choice must not leak into other nodes' runs."""
-    previous = _backend
-    try:
-        yield set_backend(name)
-    finally:
-        set_backend(previous)
 
 
 def _sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              backend: str = "sdpa") -> torch.Tensor:
     """Softmax attention with scale 1/sqrt(D) over ``[B, heads, L, D]``.
 
     ``mask`` is a boolean tensor broadcastable to ``[B, heads, Lq, Lk]`` (True = attend).
-    The optional kernels take no mask, only CUDA half tensors: other calls go to SDPA.
+    ``backend``: one of ``BACKENDS``, for this call only. The optional kernels take no mask, only
+    CUDA half tensors: other calls go to SDPA, as do backends not installed or dropped earlier.
     """
-    kernel = _kernel
-    if kernel is None or mask is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+    if backend == "sdpa" or mask is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return _sdpa(q, k, v, mask)
+    kernel = _kernel(backend)
+    if kernel is None:
         return _sdpa(q, k, v, mask)
     try:
-        out = _run_kernel(kernel, q, k, v)
+        out = _run_kernel(backend, kernel, q, k, v)
     except Exception as e:  # noqa: BLE001 - an optional kernel refusing a shape / GPU must not end the run
-        _fall_back(f"{_backend} attention failed ({type(e).__name__}: {e})")
+        _fall_back(backend, f"{backend} attention failed ({type(e).__name__}: {e})")
         return _sdpa(q, k, v, mask)
-    return _guard(out, q, k, v)
+    return _guard(backend, out, q, k, v)
 
 
-def _run_kernel(kernel: Callable, q, k, v) -> torch.Tensor:
-    if _backend == "flash":
+def _run_kernel(backend: str, kernel: Callable, q, k, v) -> torch.Tensor:
+    if backend == "flash":
         out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         if isinstance(out, tuple):  # FlashAttention 3 also returns the softmax LSE
             out = out[0]
         return out.transpose(1, 2)
-    if _backend == "sage":
+    if backend == "sage":
         return kernel(q, k, v, tensor_layout="HND", is_causal=False)
     return kernel(q, k, v)
 
@@ -143,13 +147,13 @@ def _run_kernel(kernel: Callable, q, k, v) -> torch.Tensor:
 # checks could not save the image anyway: once NaNs are in the residual stream, SDPA's output
 # is not finite either.
 _CHECKS_PER_SHAPE = 64
-_checked: dict[tuple, int] = {}
+_checked: dict[tuple, int] = {}  # (backend, shapes, dtype, device) -> finite outputs seen
 
 
-def _guard(out: torch.Tensor, q, k, v) -> torch.Tensor:
+def _guard(backend: str, out: torch.Tensor, q, k, v) -> torch.Tensor:
     """NaN / black-image guard (SageAttention on Ampere, FACTS 7): when the optional kernel's
-    output is not finite but SDPA's is, switch to SDPA for good and say so once."""
-    key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+    output is not finite but SDPA's is, drop it for SDPA for good and say so once."""
+    key = (backend, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
     seen = _checked.get(key, 0)
     if seen >= _CHECKS_PER_SHAPE:
         return out
@@ -159,13 +163,12 @@ def _guard(out: torch.Tensor, q, k, v) -> torch.Tensor:
     ref = _sdpa(q, k, v, None)
     if not bool(torch.isfinite(ref).all()):
         return out  # the inputs themselves are not finite: not the kernel's fault
-    _fall_back(f"{_backend} attention produced NaN/inf where PyTorch SDPA does not (a known problem of "
-               "some kernels on some GPUs, giving black images)")
+    _fall_back(backend, f"{backend} attention produced NaN/inf where PyTorch SDPA does not (a known problem of "
+                        "some kernels on some GPUs, giving black images)")
     return ref
 
 
-def _fall_back(reason: str) -> None:
-    global _backend, _kernel
-    log.warning("%s; switching to PyTorch SDPA for the rest of this session", reason)
-    _failed[_backend] = reason
-    _backend, _kernel = "sdpa", None
+def _fall_back(backend: str, reason: str) -> None:
+    if backend not in _failed:  # several calls may fail at once (threads): one warning
+        log.warning("%s; switching to PyTorch SDPA for the rest of this session", reason)
+    _failed[backend] = reason

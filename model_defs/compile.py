@@ -19,10 +19,17 @@ A batch of 1 is a constant for the compiler (sizes 0 and 1 always are): going fr
 batch of 2 (true CFG) compiles once more; larger batches reuse that graph.
 
 Weight formats and patches are traced as they are: dense float, float8 (expanded in the
-graph), GGUF (the torch dequantization kernels, fused by the compiler; the separate per-shape
-kernels of ``dequant_cuda`` are switched off while compiled blocks run) and LoRA patches.
+graph), GGUF (the torch dequantization kernels, fused by the compiler: the traced call's options
+say ``fused_dequant=False``, so the separate per-shape kernels of ``dequant_cuda``, whose first-use
+bookkeeping would make every block graph recompile, are left out of these calls only) and LoRA
+patches.
 Blocks whose patterns differ (a GGUF file mixing quant types per block, a LoRA on some blocks
 only) get one graph per pattern; the recompile limit is raised while sampling to allow that.
+
+Scope. Everything here is per module and per call: ``compiled`` installs the compiled forward
+on this module's blocks only, and the compiler settings the graphs rely on (no duck sizing, a
+higher recompile limit) are in force only around each compiled block call, not while other
+models (a ControlNet between blocks, a text encoder) run.
 
 Failure. If compiling fails (no C++ compiler, no Triton, an op the compiler refuses), the
 block runs eagerly, one warning is logged, and these settings stay eager for the session. The
@@ -35,9 +42,10 @@ the inputs untouched for the eager rerun.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 from weakref import WeakKeyDictionary
 
@@ -45,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from .mmdit import TransformerBlock
+from .run_options import RunOptions, resolve
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +101,20 @@ _failed: dict[CompileSettings, str] = {}
 _compilers: "WeakKeyDictionary[nn.Module, dict]" = WeakKeyDictionary()
 
 
-def _block_body(block, img, txt, act_img, act_txt, n_target, table, mask, dtype, need_txt):
+def _block_body(block, img, txt, act_img, act_txt, n_target, table, mask, dtype, need_txt, options):
     """The traced function: one block on private copies of the residual streams."""
     if n_target is None:
         segments = [slice(None)]
     else:  # built here from a symbolic int, so the split is not a constant of the graph
         segments = [slice(0, n_target), slice(n_target, None)]
     return TransformerBlock.forward(block, img.clone(), txt.clone(), act_img, act_txt, segments, table, mask,
-                                    dtype, need_txt)
+                                    dtype, need_txt, options)
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_options(options: RunOptions) -> RunOptions:
+    """The call's options as the compiled body runs them: GGUF through the torch kernels."""
+    return replace(options, fused_dequant=False)
 
 
 def _split(img_segments) -> int | None | bool:
@@ -134,19 +149,23 @@ class _BlockCompiler:
             fn = self._fns[key] = torch.compile(body, backend=s.backend, mode=mode, dynamic=True)
         return fn
 
-    def forward(self, block, img, txt, act_img, act_txt, img_segments, table, mask, dtype, need_txt=True):
+    def forward(self, block, img, txt, act_img, act_txt, img_segments, table, mask, dtype, need_txt=True,
+                options: RunOptions | None = None):
         """Drop-in for ``TransformerBlock.forward`` (installed on each block by ``compiled``)."""
         n_target = _split(img_segments)
         if self.settings not in _failed and n_target is not False:
             key = (bool(need_txt), mask is None, n_target is None)
+            traced = _traced_options(resolve(options))
             try:
-                return self._function(key)(block, img, txt, act_img, act_txt, n_target, table, mask, dtype, need_txt)
+                with compiler_settings():
+                    return self._function(key)(block, img, txt, act_img, act_txt, n_target, table, mask, dtype,
+                                               need_txt, traced)
             except torch.OutOfMemoryError:
                 raise  # not a compiler problem: eager would run out of memory as well
             except Exception as e:  # noqa: BLE001 - a compiler failure must leave the run eager, not end it
                 _give_up(self.settings, e)
         return TransformerBlock.forward(block, img, txt, act_img, act_txt, img_segments, table, mask, dtype,
-                                        need_txt)
+                                        need_txt, options)
 
 
 def _give_up(settings: CompileSettings, error: BaseException) -> None:
@@ -173,10 +192,6 @@ def reset() -> None:
     _compilers.clear()
 
 
-def _has_quantized(module: nn.Module) -> bool:
-    return any(getattr(m, "quant_type", None) is not None for m in module.modules())
-
-
 @contextlib.contextmanager
 def compiled(module: nn.Module, settings: CompileSettings | dict | None) -> Iterator[bool]:
     """Run the body with ``module.transformer_blocks`` computing through torch.compile.
@@ -196,23 +211,18 @@ def compiled(module: nn.Module, settings: CompileSettings | dict | None) -> Iter
         yield False
         return
     compiler = _compilers.setdefault(module, {}).setdefault(settings, _BlockCompiler(settings))
-    quantized = _has_quantized(blocks)
     previous = [block.__dict__.get("forward") for block in blocks]
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(compiler_settings())
-        if quantized:
-            stack.enter_context(_plain_dequant())
-        for block in blocks:
-            # An instance attribute: nn.Module.__call__ still runs the block's hooks (streaming)
-            # around it, outside the compiled code.
-            block.forward = types.MethodType(compiler.forward, block)
-        try:
-            yield True
-        finally:
-            for block, prev in zip(blocks, previous):
-                del block.forward
-                if prev is not None:
-                    block.forward = prev
+    for block in blocks:
+        # An instance attribute: nn.Module.__call__ still runs the block's hooks (streaming)
+        # around it, outside the compiled code.
+        block.forward = types.MethodType(compiler.forward, block)
+    try:
+        yield True
+    finally:
+        for block, prev in zip(blocks, previous):
+            del block.forward
+            if prev is not None:
+                block.forward = prev
 
 
 @contextlib.contextmanager
@@ -223,17 +233,3 @@ def compiler_settings() -> Iterator[None]:
 
     with dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), fx_config.patch(use_duck_shape=False):
         yield
-
-
-@contextlib.contextmanager
-def _plain_dequant() -> Iterator[None]:
-    """GGUF weights inside compiled blocks: trace the torch dequantization kernels (the compiler
-    fuses them) rather than ``dequant_cuda``'s own per-shape compiled kernels, whose first-use
-    bookkeeping would make every block graph recompile."""
-    from .weights import dequant_cuda
-
-    dequant_cuda.disable()
-    try:
-        yield
-    finally:
-        dequant_cuda.enable()  # what placement.on_device does for CUDA anyway; a no-op without CUDA

@@ -19,19 +19,17 @@ headroom at the top), and dividing a bf16 / fp16 tensor by a power of two is exa
 rounding is the one into float8, and the division can run in the activation dtype (no float32
 copy of the activation).
 
-The path is off unless switched on (``set_enabled(True)`` or ``QWENIMAGE_FP8_MATMUL=1``).
-``try_linear`` returns None whenever it does not apply (switch off, no float8 tensor cores,
-shapes the kernel refuses, e5m2 weights, float32 activations), and ``Linear`` then takes the
-exact dequantize path. If the kernel raises for a combination, that combination is remembered
-and falls back from then on, with one warning.
+Whether a call uses this path is that call's choice (``RunOptions.fp8_matmul``, passed to
+``Linear.forward``; the ``QWENIMAGE_FP8_MATMUL`` default is read once, in ``run_options``).
+``try_linear`` returns None whenever it does not apply (no float8 tensor cores, shapes the kernel
+refuses, e5m2 weights, float32 activations), and ``Linear`` then takes the exact dequantize path.
+If the kernel raises for a combination, that combination is remembered for the process (a fact
+about the GPU, not a setting) and falls back from then on, with one warning.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections import OrderedDict
-from typing import Iterator
 
 import torch
 
@@ -42,55 +40,24 @@ E4M3_MAX = 448.0
 MODES = ("row", "tensor")
 _HALF = (torch.bfloat16, torch.float16)
 
-_enabled = os.environ.get("QWENIMAGE_FP8_MATMUL", "0").strip().lower() in ("1", "true", "yes", "on")
-_mode = os.environ.get("QWENIMAGE_FP8_MATMUL_MODE", "auto").strip().lower()
-if _mode not in MODES + ("auto",):
-    _mode = "auto"
-_allow_cpu = False  # tests: torch._scaled_mm also runs (slowly) on the CPU
+SETTINGS = ("auto",) + MODES  # what a call may ask for: "auto" is row where the kernel accepts it, else tensor
 _device_ok: dict[tuple[str, int | None], bool] = {}
 _broken: set[tuple] = set()  # (device, mode, out dtype, has bias, bias in kernel) the kernel refused
 _warned: set[tuple] = set()
 
 
-def set_enabled(enabled: bool, mode: str = "auto", allow_cpu: bool = False) -> None:
-    """Switch the float8 matmul path on or off.
-
-    ``mode``: "row" (per-token activation scales), "tensor" (one scale per call) or "auto"
-    (row where the kernel accepts it, else tensor). ``allow_cpu`` lets the CPU use it too (slow; for
-    tests and for checking the math without a GPU).
-    """
-    global _enabled, _mode, _allow_cpu
-    if mode not in MODES + ("auto",):
-        raise ValueError(f"fp8 matmul mode must be one of {', '.join(MODES)} or auto, got {mode!r}")
-    _enabled, _mode, _allow_cpu = bool(enabled), mode, bool(allow_cpu)
+def reset() -> None:
+    """Forget the kernel refusals learnt so far (tests; after changing torch)."""
     _broken.clear()
     _warned.clear()
 
 
-def is_enabled() -> bool:
-    return _enabled
-
-
-@contextlib.contextmanager
-def using(enabled: bool, mode: str = "auto") -> Iterator[None]:
-    """Run the body with the float8 path switched as asked, then restore the previous setting.
-    Kernel refusals learnt inside are kept (they describe the GPU, not the setting)."""
-    global _enabled, _mode
-    previous = (_enabled, _mode)
-    if mode not in MODES + ("auto",):
-        raise ValueError(f"fp8 matmul mode must be one of {', '.join(MODES)} or auto, got {mode!r}")
-    _enabled, _mode = bool(enabled), mode
-    try:
-        yield
-    finally:
-        _enabled, _mode = previous
-
-
-def device_supports(device: torch.device) -> bool:
-    """Whether ``device`` has float8 tensor cores (CUDA compute capability 8.9 or newer)."""
+def device_supports(device: torch.device, allow_cpu: bool = False) -> bool:
+    """Whether ``device`` has float8 tensor cores (CUDA compute capability 8.9 or newer).
+    ``allow_cpu``: count the CPU in (torch._scaled_mm runs there too, slowly: tests)."""
     device = torch.device(device)
     if device.type == "cpu":
-        return _allow_cpu and hasattr(torch, "_scaled_mm")
+        return allow_cpu and hasattr(torch, "_scaled_mm")
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or E4M3 is None:
         return False
     key = (device.type, device.index)
@@ -102,12 +69,6 @@ def device_supports(device: torch.device) -> bool:
             ok = False
         _device_ok[key] = ok
     return ok
-
-
-def _first_mode() -> str:
-    # "auto" starts with row-wise scaling; where the kernel refuses it (older torch builds on
-    # Ada, float16 output), try_linear drops to per-tensor scaling once and remembers.
-    return "row" if _mode == "auto" else _mode
 
 
 def pow2_scale(amax: torch.Tensor, tiny: float) -> torch.Tensor:
@@ -181,10 +142,11 @@ def _first_use_matches(fn, x: torch.Tensor, mode: str, ref: tuple[torch.Tensor, 
         return False
 
 
-def quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, mode: str, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_activation``, through the compiled kernel where it has been checked for this
-    shape (see the notes above); always the eager result otherwise."""
-    if x.device.type not in _COMPILE_ON or os.environ.get("QWENIMAGE_FP8_COMPILE", "1").strip() in ("0", "false", "off"):
+    shape (see the notes above); always the eager result otherwise. ``compiled`` False: eager
+    (the caller's ``RunOptions.fp8_compile``)."""
+    if not compiled or x.device.type not in _COMPILE_ON:
         return quantize_activation(x, mode)
     fn = _compiled(mode)
     if fn is quantize_activation:
@@ -205,10 +167,9 @@ def quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ref
 
 
-def _applicable(x: torch.Tensor, w: torch.Tensor) -> bool:
+def _applicable(x: torch.Tensor, w: torch.Tensor, allow_cpu: bool) -> bool:
     return (
-        _enabled
-        and w.dtype == E4M3
+        w.dtype == E4M3
         and x.dtype in _HALF
         and w.dim() == 2
         and w.device == x.device
@@ -216,16 +177,16 @@ def _applicable(x: torch.Tensor, w: torch.Tensor) -> bool:
         and w.shape[0] % 16 == 0
         and w.shape[1] % 16 == 0
         and x.numel() > 0
-        and device_supports(x.device)
+        and device_supports(x.device, allow_cpu)
     )
 
 
 def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
-                  mode: str, bias_in_kernel: bool = True) -> torch.Tensor:
+                  mode: str, bias_in_kernel: bool = True, compiled: bool = True) -> torch.Tensor:
     """The float8 matmul itself (no checks): ``x`` ``[..., K]`` half, ``w`` e4m3 ``[N, K]``."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = w.shape[0]
-    q, sx = quantize(x.reshape(-1, k), mode)
+    q, sx = quantize(x.reshape(-1, k), mode, compiled)
     sw = torch.ones((), device=x.device) if w_scale is None else w_scale.to(device=x.device, dtype=torch.float32)
     if mode == "row":
         sw = sw.reshape(1, 1).expand(1, n).contiguous()  # row-wise scaling wants both sides row-wise
@@ -242,13 +203,21 @@ def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     return y.reshape(*lead, n)
 
 
-def try_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None):
-    """``F.linear`` on float8 operands when possible, else None (the caller dequantizes)."""
-    if not _applicable(x, w):
+def try_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
+               mode: str = "auto", allow_cpu: bool = False, compiled: bool = True):
+    """``F.linear`` on float8 operands when possible, else None (the caller dequantizes).
+
+    ``mode``: "row" (per-token activation scales), "tensor" (one scale per call) or "auto" (row
+    where the kernel accepts it, else tensor). ``allow_cpu`` / ``compiled``: see ``RunOptions``."""
+    if mode not in SETTINGS:
+        raise ValueError(f"fp8 matmul mode must be one of {', '.join(SETTINGS)}, got {mode!r}")
+    if not _applicable(x, w, allow_cpu):
         return None
     if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
         bias = bias.to(device=x.device, dtype=x.dtype)
-    first = _first_mode()
+    # "auto" starts with row-wise scaling; where the kernel refuses it (older torch builds on
+    # Ada, float16 output), the loop below drops to per-tensor scaling once and remembers.
+    first = "row" if mode == "auto" else mode
     # Some GPU / torch / dtype combinations refuse row-wise scaling, or a bias with it: try the
     # bias as a separate add, then per-tensor scaling; dequantizing is the last resort.
     modes = (first, "tensor") if first == "row" else (first,)
@@ -258,7 +227,7 @@ def try_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, b
             if key in _broken:
                 continue
             try:
-                return scaled_linear(x, w, w_scale, bias, mode, bias_in_kernel)
+                return scaled_linear(x, w, w_scale, bias, mode, bias_in_kernel, compiled)
             except RuntimeError as e:  # remember, so the failing call is not retried every layer
                 _broken.add(key)
                 log.warning("float8 matmul (%s scaling, %s output%s) is not available here (%s); trying the next "

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import rope
 from .attention import attention
+from .run_options import RunOptions, resolve
 from .weights.linear import Linear
 
 FP16_MAX = 65504.0
@@ -119,9 +120,9 @@ class TimestepEmbedding(nn.Module):
         super().__init__()
         self.timestep_embedder = _TimestepMLP(dim, device, dtype)
 
-    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype: torch.dtype, options: RunOptions | None = None) -> torch.Tensor:
         mlp = self.timestep_embedder
-        return mlp.linear_2(F.silu(mlp.linear_1(timestep_sinusoid(t).to(dtype))))
+        return mlp.linear_2(F.silu(mlp.linear_1(timestep_sinusoid(t).to(dtype), options)), options)
 
 
 class _GELUProj(nn.Module):
@@ -139,24 +140,24 @@ class FeedForward(nn.Module):
             [_GELUProj(dim, 4 * dim, device, dtype), nn.Identity(), Linear(4 * dim, dim, device=device, dtype=dtype)]
         )
 
-    def forward(self, x: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, s: float = 1.0, options: RunOptions | None = None) -> torch.Tensor:
         """``s`` times the MLP of ``x / s`` (``x`` arrives already scaled by ``s``)."""
-        h = _project(self.net[0].proj, x, s)
+        h = _project(self.net[0].proj, x, s, options)
         if s == 1.0:
             h = F.gelu(h, approximate="tanh")
         else:  # GELU is not homogeneous: evaluate it on the true values, in float32.
             h = F.gelu(h.float().div_(s), approximate="tanh").mul_(s).to(x.dtype)
-        return _project(self.net[2], h, s)
+        return _project(self.net[2], h, s, options)
 
 
-def _project(layer: Linear, x: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+def _project(layer: Linear, x: torch.Tensor, s: float = 1.0, options: RunOptions | None = None) -> torch.Tensor:
     """``layer`` applied to an input scaled by ``s``, giving ``s * layer(x / s)``.
 
     Only the input-independent part (the bias and the bias deltas LoRAs add) is not
     homogeneous, so it is rescaled afterwards. With ``s != 1`` (float16 only) infinities are
-    also clipped, as diffusers does, so a stray overflow stays finite.
+    also clipped, as diffusers does, so a stray overflow stays finite. ``options``: this call's.
     """
-    y = layer(x)
+    y = layer(x, options)
     if s != 1.0:
         constant = layer.constant_term(y.dtype, y.device)
         if constant is not None:
@@ -224,7 +225,7 @@ class JointAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(head_dim, **kw), RMSNorm(head_dim, **kw)
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, **kw), RMSNorm(head_dim, **kw)
 
-    def forward(self, img, txt, table, mask, s: float = 1.0, need_txt: bool = True):
+    def forward(self, img, txt, table, mask, s: float = 1.0, need_txt: bool = True, options: RunOptions | None = None):
         """Joint attention over ``[text; image]``; returns (image out, text out or None).
 
         Queries and keys are normalized and rotated straight into one joint buffer, so the
@@ -242,18 +243,18 @@ class JointAttention(nn.Module):
         traced = _is_compiling()
         for x, seg, proj_q, proj_k, norm_q, norm_k in streams:
             for proj, norm, out in ((proj_q, norm_q, q), (proj_k, norm_k, k)):
-                y = norm(_project(proj, x, s).unflatten(-1, (heads, d)), s * s)
+                y = norm(_project(proj, x, s, options).unflatten(-1, (heads, d)), s * s)
                 if traced:  # torch.compile cannot write out= into a strided view (batch > 1): a graph break
                     out[:, seg] = rope.apply_rope(y, table[:, seg])
                 else:
                     rope.apply_rope(y, table[:, seg], out=out[:, seg])
-        v = torch.cat([_project(self.add_v_proj, txt, s), _project(self.to_v, img, s)], dim=1)
+        v = torch.cat([_project(self.add_v_proj, txt, s, options), _project(self.to_v, img, s, options)], dim=1)
         v = v.unflatten(-1, (heads, d))
 
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, backend=resolve(options).attention)
         o = o.transpose(1, 2).reshape(B, n_txt + n_img, heads * d)
-        img_out = _project(self.to_out[0], o[:, n_txt:], s)
-        txt_out = _project(self.to_add_out, o[:, :n_txt], s) if need_txt else None
+        img_out = _project(self.to_out[0], o[:, n_txt:], s, options)
+        txt_out = _project(self.to_add_out, o[:, :n_txt], s, options) if need_txt else None
         return img_out, txt_out
 
 
@@ -269,21 +270,24 @@ class TransformerBlock(nn.Module):
         # Float16 down-scale factors for the attention and MLP inputs (powers of two, exact).
         self.fp16_scales = (1 / 16, 1 / 32)
 
-    def forward(self, img, txt, act_img, act_txt, img_segments, table, mask, dtype, need_txt=True):
+    def forward(self, img, txt, act_img, act_txt, img_segments, table, mask, dtype, need_txt=True,
+                options: RunOptions | None = None):
         """One double-stream block. ``act_*`` are SiLU(temb) rows for the modulation linears;
-        ``img``/``txt`` are the residual streams (float32 when ``dtype`` is float16)."""
+        ``img``/``txt`` are the residual streams (float32 when ``dtype`` is float16); ``options``
+        the call's run options (None: the defaults)."""
         s_attn, s_mlp = self.fp16_scales if dtype == torch.float16 else (1.0, 1.0)
-        img_mod = _Modulation(self.img_mod[1](act_img), img_segments)
-        txt_mod = _Modulation(self.txt_mod[1](act_txt), [slice(None)])
+        img_mod = _Modulation(self.img_mod[1](act_img, options), img_segments)
+        txt_mod = _Modulation(self.txt_mod[1](act_txt, options), [slice(None)])
 
         img_out, txt_out = self.attn(
-            img_mod.norm(img, 0, s_attn, dtype), txt_mod.norm(txt, 0, s_attn, dtype), table, mask, s_attn, need_txt
+            img_mod.norm(img, 0, s_attn, dtype), txt_mod.norm(txt, 0, s_attn, dtype), table, mask, s_attn, need_txt,
+            options,
         )
         img_mod.gate_add_(img, img_out, 0, s_attn)
-        img_mod.gate_add_(img, self.img_mlp(img_mod.norm(img, 1, s_mlp, dtype), s_mlp), 1, s_mlp)
+        img_mod.gate_add_(img, self.img_mlp(img_mod.norm(img, 1, s_mlp, dtype), s_mlp, options), 1, s_mlp)
         if need_txt:
             txt_mod.gate_add_(txt, txt_out, 0, s_attn)
-            txt_mod.gate_add_(txt, self.txt_mlp(txt_mod.norm(txt, 1, s_mlp, dtype), s_mlp), 1, s_mlp)
+            txt_mod.gate_add_(txt, self.txt_mlp(txt_mod.norm(txt, 1, s_mlp, dtype), s_mlp, options), 1, s_mlp)
         return img, txt
 
 
@@ -371,6 +375,7 @@ class QwenImageMMDiT(nn.Module):
         context_mask: torch.Tensor | None = None,
         ref_latents: list[torch.Tensor] | None = None,
         control: ControlHook | None = None,
+        options: RunOptions | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity.
 
@@ -386,7 +391,9 @@ class QwenImageMMDiT(nn.Module):
             row-major order, then the references; float32 under float16 compute). InstantX
             residuals add ``samples[i // interval]`` to ``img_tokens[:, :n_target]``;
             DiffSynth patches add their block's output the same way. It may modify in place
-            and return None.
+            and return None. Models it runs take their own options (none: the defaults).
+        options: how this call computes (attention backend, float8 matmuls, GGUF kernels), for
+            this call only; None: ``run_options.DEFAULT``.
         Returns the velocity ``[B, C, H, W]`` (same rank) in ``x``'s dtype.
         """
         cfg = self.config
@@ -414,8 +421,8 @@ class QwenImageMMDiT(nn.Module):
             grids.append(ref_grid)
             seqs.append(ref_tokens.to(device=device, dtype=wide).expand(B, -1, -1))
         n_target = grid[0] * grid[1]
-        img = self.img_in(torch.cat(seqs, dim=1) if len(seqs) > 1 else seqs[0])
-        txt = self.txt_in(self.txt_norm(context.to(wide)))
+        img = self.img_in(torch.cat(seqs, dim=1) if len(seqs) > 1 else seqs[0], options)
+        txt = self.txt_in(self.txt_norm(context.to(wide)), options)
 
         # One modulation row when the batch shares its timestep (cond + uncond of CFG).
         shared = B == 1 or bool((sigma == sigma[0]).all())
@@ -427,7 +434,7 @@ class QwenImageMMDiT(nn.Module):
             img_segments = [slice(0, n_target), slice(n_target, None)]
         else:
             img_segments = [slice(None)]
-        temb = self.time_text_embed(t.to(dtype), wide)
+        temb = self.time_text_embed(t.to(dtype), wide, options)
         act = F.silu(temb)
 
         table = self._rope_table(grids, txt.shape[1], device)
@@ -436,17 +443,18 @@ class QwenImageMMDiT(nn.Module):
         last = len(self.transformer_blocks) - 1
         for i, block in enumerate(self.transformer_blocks):
             # The text stream's last update feeds nothing: skip it.
-            img, txt = block(img, txt, act, act[:rows], img_segments, table, mask, dtype, need_txt=i < last)
+            img, txt = block(img, txt, act, act[:rows], img_segments, table, mask, dtype, need_txt=i < last,
+                             options=options)
             if control is not None:
                 changed = control(i, img)
                 img = img if changed is None else changed
 
-        scale, shift = self.norm_out.linear(act[:rows]).chunk(2, dim=-1)  # scale first, unlike the blocks
+        scale, shift = self.norm_out.linear(act[:rows], options).chunk(2, dim=-1)  # scale first, unlike the blocks
         if rows == 1:
             scale, shift = scale[0], shift[0]
         else:
             scale, shift = scale.unsqueeze(1), shift.unsqueeze(1)
-        out = self.proj_out(modulated_norm(img[:, :n_target], shift, scale))
+        out = self.proj_out(modulated_norm(img[:, :n_target], shift, scale), options)
         out = unpack_tokens(out, grid, p, (H, W)).to(out_dtype)
         return out.unsqueeze(2) if squeeze_frame else out
 

@@ -13,6 +13,10 @@ LoRA patches). What ComfyUI threads through a diffusion model is honoured:
   (``control["input"]``) are applied after each block, on the image stream, as ComfyUI does;
 - block replacement (``patches_replace["dit"]``) is refused by name.
 
+The handle's speed options travel the same way: ``as_comfy_model`` puts its ``RunOptions`` in
+the MODEL's ``transformer_options`` (``OPTIONS_KEY``), ComfyUI hands them to ``_apply_model`` with
+every call, and only this MODEL's calls use them.
+
 The loader makes one per MMDiT; it is the model its ModelPatcher manages, so the MODEL output
 is a clone of that patcher and our own sampler and core samplers share one copy of the weights.
 """
@@ -25,7 +29,9 @@ import torch
 from ..model_defs.weights import dequant_cuda, lora
 from . import placement, runtime
 from .handles import MODEL_TYPE
-from .options import speed_settings
+from .options import run_options, speed_settings
+
+OPTIONS_KEY = "qwenimage_options"  # transformer_options entry: the handle's RunOptions
 
 
 def _context_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -95,6 +101,7 @@ if runtime.QwenImageBaseModel is not None:
                     context_mask=_context_mask(attention_mask),
                     ref_latents=[_single_frame(r).to(x.device) for r in ref_latents] if ref_latents else None,
                     control=_block_hook(control, transformer_options, x),
+                    options=transformer_options.get(OPTIONS_KEY),
                 )
 
             options = dict(transformer_options)
@@ -112,7 +119,8 @@ def comfy_model_for(mmdit: torch.nn.Module):
 
 
 def _outer_sample(handle, executor, *args, **kwargs):
-    """Around a core sampler's run: this handle's LoRAs and speed options, as our sampler does."""
+    """Around a core sampler's run: this handle's LoRAs and Torch Compile choice, as our sampler
+    does (its RunOptions reach the model through ``transformer_options``)."""
     lora.apply_loras(handle.module, [(weights, strength) for _, weights, strength in handle.loras])
     device = runtime.compute_device()
     if device.type == "cuda":
@@ -129,6 +137,8 @@ def as_comfy_model(handle):
     owner = handle.owners[0] if handle.owners else placement.manage(
         handle.module, "transformer_blocks", model=comfy_model_for(handle.module))
     model = owner.clone()
+    # The clone's own options (ComfyUI copies them per clone): the owner's calls keep the defaults.
+    model.model_options.setdefault("transformer_options", {})[OPTIONS_KEY] = run_options(handle)
     model.add_wrapper_with_key(runtime.OUTER_SAMPLE, "qwenimage", functools.partial(_outer_sample, handle))
     return model
 

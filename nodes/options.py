@@ -1,12 +1,20 @@
-"""Speed options carried on a model handle and applied only while that model samples."""
+"""Speed options carried on a model handle, turned into the RunOptions of that model's calls.
+
+Nothing is switched for the process: the sampler passes the handle's ``RunOptions`` into each
+MMDiT call (ours directly, ComfyUI's through ``transformer_options``), so other models running
+meanwhile (another workflow's, a ControlNet, a text encoder) keep their own.
+"""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
+from typing import Iterator
 
 import torch
 
 from ..model_defs import attention, fp8_matmul
 from ..model_defs import compile as block_compile
+from ..model_defs.run_options import DEFAULT, RunOptions
 from . import runtime
 from .handles import MODEL_TYPE
 
@@ -23,24 +31,30 @@ def with_speed_options(model, attention_backend: str, fp8: str):
     return model.with_options(attention=attention_backend, fp8_matmul=fp8)
 
 
-@contextlib.contextmanager
-def speed_settings(model, device: torch.device):
-    """The handle's speed options (this node's, and the Torch Compile node's) in force for the
-    body; settings it does not carry (and the QWENIMAGE_FP8_MATMUL environment switch) stay as
-    they are."""
+def run_options(model) -> RunOptions:
+    """The options of this handle's MMDiT calls: what its Speed Options node chose; what it does
+    not set keeps the defaults (the QWENIMAGE_FP8_MATMUL environment switch included). An attention
+    backend that is not installed, or failed earlier in this process, is SDPA (said once)."""
     opts = model.options
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(block_compile.compiled(model.module, opts.get("compile")))
-        if "attention" in opts:
-            stack.enter_context(attention.using(opts["attention"]))
-        fp8 = opts.get("fp8_matmul")
-        if fp8 is not None:
-            on = fp8 != "off"
-            if on and not fp8_matmul.device_supports(device):
-                runtime.warn(f"fp8_matmul needs float8 tensor cores (RTX 40xx, H100 or newer); {device} has none, "
-                             "so the float8 weights are expanded to bf16 as usual")
-            stack.enter_context(fp8_matmul.using(on, "auto" if fp8 == "off" else fp8))
-        yield
+    changes = {}
+    if "attention" in opts:
+        changes["attention"] = attention.resolve(opts["attention"])
+    fp8 = opts.get("fp8_matmul")
+    if fp8 is not None:
+        changes["fp8_matmul"] = None if fp8 == "off" else fp8
+    return replace(DEFAULT, **changes) if changes else DEFAULT
+
+
+@contextlib.contextmanager
+def speed_settings(model, device: torch.device) -> Iterator[RunOptions]:
+    """Yields the handle's ``RunOptions`` for the calls the body makes to its MMDiT; the Torch
+    Compile node's choice is in force on the handle's module (its blocks only) for the body."""
+    options = run_options(model)
+    if model.options.get("fp8_matmul", "off") != "off" and not fp8_matmul.device_supports(device):
+        runtime.warn(f"fp8_matmul needs float8 tensor cores (RTX 40xx, H100 or newer); {device} has none, "
+                     "so the float8 weights are expanded to bf16 as usual")
+    with block_compile.compiled(model.module, model.options.get("compile")):
+        yield options
 
 
 class QwenImageSpeedOptions:

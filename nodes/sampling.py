@@ -80,11 +80,13 @@ class _Guided:
     """velocity(x, sigma) for one model, positive / negative conditioning and a CFG scale.
 
     ``sigmas`` (the run's schedule) lets ControlNets know the step for their start/end window.
+    ``options``: the handle's RunOptions, passed into every call of ``module`` (None: its defaults).
     """
 
     def __init__(self, module, device, pos: list[Cond], neg: list[Cond] | None, cfg: float, batch_cfg: bool = True,
-                 sigmas=None):
+                 sigmas=None, options=None):
         self.module, self.device = module, device
+        self.options = options
         self.pos, self.neg, self.cfg = pos, neg, cfg
         self.batch_cfg = batch_cfg
         self.sigmas = [] if sigmas is None else [float(s) for s in sigmas[:-1]]
@@ -114,6 +116,8 @@ class _Guided:
             kwargs["ref_latents"] = [r.to(self.device) for r in refs]
         if control is not None:
             kwargs["control"] = control
+        if self.options is not None:
+            kwargs["options"] = self.options
         return self.module(x, sigma, ctx.to(self.device), **kwargs).float()
 
     def _one(self, x, sigma, c: Cond):
@@ -240,10 +244,10 @@ def sample(
         dequant_cuda.prepare(module)  # this model's GGUF weight shapes get the compiled kernels
     nets = control_nodes.prepared(pos + (neg or []), h, w)
     with placement.on_devices(device, (module, "transformer_blocks"), *[(net, None) for net in nets]) as placed, \
-            torch.inference_mode(), speed_settings(model, device):
+            torch.inference_mode(), speed_settings(model, device) as run_options:
         if placed[0] == "resident" and model.loras:
             lora_bake.fold(module)  # dense GPU weights take the LoRA once instead of every step
-        velocity = _Guided(module, device, pos, neg, cfg, sigmas=sigmas)
+        velocity = _Guided(module, device, pos, neg, cfg, sigmas=sigmas, options=run_options)
         x = fm.euler_sample(
             velocity,
             clean.to(device),

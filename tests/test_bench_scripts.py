@@ -160,13 +160,11 @@ def test_close_tolerates_reordering_not_wrong_values():
 
 @pytest.fixture
 def sage_backend(monkeypatch):
-    monkeypatch.setattr(attention, "_backend", "sage")
-    monkeypatch.setattr(attention, "_kernel", lambda *a, **k: None)
-    attention._checked.clear()
+    monkeypatch.setattr(attention, "_load_sage", lambda: (lambda *a, **k: None))
+    attention.reset()
+    assert attention.resolve("sage") == "sage"
     yield
-    attention.set_backend("sdpa")
-    attention._checked.clear()
-    attention._failed.clear()
+    attention.reset()
 
 
 def test_attention_guard_falls_back_on_nan(sage_backend, caplog):
@@ -174,9 +172,10 @@ def test_attention_guard_falls_back_on_nan(sage_backend, caplog):
     good = attention._sdpa(q, k, v, None)
     bad = torch.full_like(good, float("nan"))
     with caplog.at_level(logging.WARNING):
-        out = attention._guard(bad, q, k, v)
+        out = attention._guard("sage", bad, q, k, v)
     assert torch.equal(out, good)
-    assert attention.get_backend() == "sdpa" and attention._kernel is None
+    assert attention.resolve("sage") == "sdpa" and attention._kernel("sage") is None
+    assert "NaN" in attention.failure("sage")
     assert sum("NaN" in r.message for r in caplog.records) == 1
 
 
@@ -184,14 +183,14 @@ def test_attention_guard_trusts_finite_shapes_and_blames_bad_inputs(sage_backend
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
     out = attention._sdpa(q, k, v, None)
     for _ in range(attention._CHECKS_PER_SHAPE + 1):
-        assert attention._guard(out, q, k, v) is out
-    assert attention.get_backend() == "sage"
+        assert attention._guard("sage", out, q, k, v) is out
+    assert attention.resolve("sage") == "sage"
     # after the checks the shape is trusted: no sync, output passed through as is
     nan = torch.full_like(out, float("nan"))
-    assert attention._guard(nan, q, k, v) is nan
+    assert attention._guard("sage", nan, q, k, v) is nan
     # non-finite inputs: SDPA is not finite either, so the kernel is not blamed
     q2 = q[:, :, :4].clone()
     q2[0, 0, 0, 0] = float("nan")
     bad = attention._sdpa(q2, k, v, None)
-    assert attention._guard(bad, q2, k, v) is bad
-    assert attention.get_backend() == "sage"
+    assert attention._guard("sage", bad, q2, k, v) is bad
+    assert attention.resolve("sage") == "sage"

@@ -27,6 +27,7 @@ from conftest import ROOT
 from qwenimage_pack.model_defs import attention, fp8_matmul, host_memory, streaming
 from qwenimage_pack.model_defs import compile as block_compile
 from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
+from qwenimage_pack.model_defs.run_options import RunOptions
 from qwenimage_pack.model_defs.vae import VAEConfig, WanVAE
 from qwenimage_pack.model_defs.weights import dequant, dequant_cuda, lora_bake
 from qwenimage_pack.model_defs.weights.linear import Linear
@@ -68,9 +69,17 @@ def inputs(device=DEV, dtype=torch.float32, size=(12, 16), text=7, batch=1, seed
     return x.to(device, dtype), sigma.to(device), context.to(device, dtype)
 
 
-def forward(model, args) -> torch.Tensor:
+def forward(model, args, options: RunOptions | None = None) -> torch.Tensor:
     with torch.inference_mode():
-        return model(*args)
+        return model(*args, options=options)
+
+
+def fp8_on(mode: str) -> RunOptions:
+    """A call asking for float8 matmuls (on the stand-in CPU too)."""
+    return RunOptions(fp8_matmul=mode, fp8_on_cpu=STAND_IN)
+
+
+FP8_OFF = RunOptions(fp8_matmul=None)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +104,10 @@ def test_forward_dtypes_match_fp32_on_the_cpu(reference, dtype, tol):
 
 @pytest.fixture
 def fp8_switch():
-    fp8_matmul.set_enabled(False)
+    """Kernel refusals learnt by other tests (monkeypatched kernels) must not leak in or out."""
+    fp8_matmul.reset()
     yield
-    fp8_matmul.set_enabled(False)
+    fp8_matmul.reset()
 
 
 def fp8_linear(out_f=256, in_f=512, bias=True, seed=0) -> tuple[Linear, torch.Tensor]:
@@ -129,10 +139,9 @@ def test_fp8_matmul_matches_the_dequantized_weight(fp8_switch, mode, dtype, bias
     lin, exact = fp8_linear(bias=bias)
     x = activations(dtype)
     ref = x.double().cpu() @ exact.T + (lin.bias.double().cpu() if bias else 0)
-    fp8_matmul.set_enabled(True, mode=mode, allow_cpu=STAND_IN)
-    assert fp8_matmul.device_supports(DEV), "this GPU has no float8 tensor cores (compute capability < 8.9)"
+    assert fp8_matmul.device_supports(DEV, STAND_IN), "this GPU has no float8 tensor cores (compute capability < 8.9)"
     with torch.inference_mode():
-        out = lin(x)
+        out = lin(x, fp8_on(mode))
     assert out.dtype == dtype and bool(torch.isfinite(out).all())
     assert rel(out, ref) < 3e-2  # activations rounded to float8 (3 mantissa bits), rows scaled separately
     if mode == "tensor" or dtype == torch.bfloat16:
@@ -146,9 +155,8 @@ def test_fp8_fallback_chain(fp8_switch, monkeypatch):
     lin, _ = fp8_linear()
     x = activations(torch.bfloat16)
     with torch.inference_mode():
-        dequantized = lin(x)  # switched off: the exact path
-        fp8_matmul.set_enabled(True, mode="tensor", allow_cpu=STAND_IN)
-        tensor_wise = lin(x)
+        dequantized = lin(x, FP8_OFF)  # not asked for: the exact path
+        tensor_wise = lin(x, fp8_on("tensor"))
         real = torch._scaled_mm
 
         def no_rowwise(a, b, scale_a=None, scale_b=None, **kw):
@@ -157,15 +165,14 @@ def test_fp8_fallback_chain(fp8_switch, monkeypatch):
             return real(a, b, scale_a=scale_a, scale_b=scale_b, **kw)
 
         monkeypatch.setattr(torch, "_scaled_mm", no_rowwise)
-        fp8_matmul.set_enabled(True, mode="auto", allow_cpu=STAND_IN)
-        assert torch.equal(lin(x), tensor_wise)
+        assert torch.equal(lin(x, fp8_on("auto")), tensor_wise)
 
         def refuse(*a, **kw):
             raise RuntimeError("no float8 kernel (test)")
 
         monkeypatch.setattr(torch, "_scaled_mm", refuse)
-        fp8_matmul.set_enabled(True, mode="auto", allow_cpu=STAND_IN)
-        assert torch.equal(lin(x), dequantized)
+        fp8_matmul.reset()  # forget the refusals of the monkeypatched kernel above: this one refuses everything
+        assert torch.equal(lin(x, fp8_on("auto")), dequantized)
 
 
 @pytest.mark.skipif(E4M3 is None, reason="torch without float8")
@@ -177,9 +184,8 @@ def test_fp8_model_forward_close_to_bf16(fp8_switch, reference):
     fp8 = copy.deepcopy(model).to(DEV, torch.bfloat16)
     common.to_fp8(fp8)
     args = inputs(dtype=torch.bfloat16)
-    dequantized = forward(fp8, args)
-    fp8_matmul.set_enabled(True, mode="auto", allow_cpu=STAND_IN)
-    fast = forward(fp8, args)
+    dequantized = forward(fp8, args, FP8_OFF)
+    fast = forward(fp8, args, fp8_on("auto"))
     assert bool(torch.isfinite(fast).all())
     assert rel(dequantized, ref) < 5e-2 and rel(fast, ref) < 8e-2
 
@@ -288,12 +294,10 @@ def test_attention_backend_matches_sdpa(backend):
     q, k, v = (torch.randn(2, 4, 333, 128, generator=g) for _ in range(3))
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     q, k, v = (t.to(DEV, torch.bfloat16) for t in (q, k, v))
-    with attention.using(backend) as used:
-        if used != backend:
-            pytest.skip(f"{backend} attention is not installed here")
-        out = attention.attention(q, k, v)
-        still = attention.get_backend()
-    assert still == backend, f"{backend} fell back to SDPA: {attention._failed.get(backend)}"
+    if attention.resolve(backend) != backend:
+        pytest.skip(f"{backend} attention is not installed here")
+    out = attention.attention(q, k, v, backend=backend)
+    assert attention.failure(backend) is None, f"{backend} fell back to SDPA: {attention.failure(backend)}"
     assert rel(out, ref) < 1e-2 and rel(F.scaled_dot_product_attention(q, k, v), ref) < 1e-2
 
 

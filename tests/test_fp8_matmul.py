@@ -13,16 +13,26 @@ import torch
 
 from qwenimage_pack.model_defs import fp8_matmul
 from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
+from qwenimage_pack.model_defs.run_options import RunOptions
 from qwenimage_pack.model_defs.weights.linear import Linear
 
 E4M3 = torch.float8_e4m3fn
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="torch without _scaled_mm")
 
 
+OFF = RunOptions(fp8_matmul=None)
+
+
+def _on(mode="auto", cpu=True) -> RunOptions:
+    """The float8 path as a call asks for it; ``cpu``: let the CPU run torch._scaled_mm."""
+    return RunOptions(fp8_matmul=mode, fp8_on_cpu=cpu)
+
+
 @pytest.fixture(autouse=True)
-def _switch_off_after():
+def _forget_refusals():
+    fp8_matmul.reset()
     yield
-    fp8_matmul.set_enabled(False)
+    fp8_matmul.reset()
 
 
 def _rel(a, b):
@@ -125,41 +135,40 @@ def test_linear_dispatch():
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     exact = torch.nn.functional.linear(x, lin.dense_weight(torch.bfloat16), lin.bias)
 
-    assert not fp8_matmul.is_enabled()
-    assert torch.equal(lin(x), exact)  # off by default: the dequantize path, bit for bit
+    assert torch.equal(lin(x, OFF), exact)  # off: the dequantize path, bit for bit
+    assert torch.equal(lin(x), exact)  # no options: the defaults, which never run float8 on a CPU
 
-    fp8_matmul.set_enabled(True)  # on, but the CPU has no float8 tensor cores
+    assert torch.equal(lin(x, _on(cpu=False)), exact)  # asked for, but the CPU has no float8 tensor cores
     assert not fp8_matmul.device_supports(torch.device("cpu"))
-    assert torch.equal(lin(x), exact)
 
-    fp8_matmul.set_enabled(True, mode="row", allow_cpu=True)
-    y = lin(x)
+    on = _on("row")
+    y = lin(x, on)
     assert torch.equal(y, fp8_matmul.scaled_linear(x, lin.weight, lin.weight_scale, lin.bias, "row"))
     assert not torch.equal(y, exact) and _rel(y, exact) < 0.06
+    assert torch.equal(lin(x, OFF), exact)  # the next call without it is exact again: nothing stayed switched
 
     # what the kernel cannot take goes the exact way
-    assert torch.equal(lin(x.float()), torch.nn.functional.linear(x.float(), lin.dense_weight(torch.float32), lin.bias.float()))
+    assert torch.equal(lin(x.float(), on),
+                       torch.nn.functional.linear(x.float(), lin.dense_weight(torch.float32), lin.bias.float()))
     odd = _linear(out_f=40, in_f=56)  # not multiples of 16
     xo = x[:, :56].contiguous()
-    assert torch.equal(odd(xo), torch.nn.functional.linear(xo, odd.dense_weight(torch.bfloat16), odd.bias))
+    assert torch.equal(odd(xo, on), torch.nn.functional.linear(xo, odd.dense_weight(torch.bfloat16), odd.bias))
     e5 = _linear()
     e5.weight = torch.nn.Parameter(lin.weight.float().to(torch.float8_e5m2), requires_grad=False)
-    assert torch.equal(e5(x), torch.nn.functional.linear(x, e5.dense_weight(torch.bfloat16), e5.bias))
+    assert torch.equal(e5(x, on), torch.nn.functional.linear(x, e5.dense_weight(torch.bfloat16), e5.bias))
     plain = Linear(64, 48, dtype=torch.bfloat16)
-    assert torch.equal(plain(x), torch.nn.functional.linear(x, plain.weight, plain.bias))
+    assert torch.equal(plain(x, on), torch.nn.functional.linear(x, plain.weight, plain.bias))
 
 
 def test_lora_patches_still_apply_on_the_fp8_path():
-    fp8_matmul.set_enabled(True, allow_cpu=True)
     lin = _linear()
     x = torch.randn(4, 64, dtype=torch.bfloat16)
-    base = lin(x)
+    base = lin(x, _on())
     lin.add_patch("test", lambda inp, y: y + 1.0)
-    assert torch.equal(lin(x), base + 1.0)
+    assert torch.equal(lin(x, _on()), base + 1.0)
 
 
 def test_refused_kernel_falls_back_once(monkeypatch, caplog):
-    fp8_matmul.set_enabled(True, allow_cpu=True)
     lin = _linear()
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     exact = torch.nn.functional.linear(x, lin.dense_weight(torch.bfloat16), lin.bias)
@@ -174,8 +183,8 @@ def test_refused_kernel_falls_back_once(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "_scaled_mm", refuse_rowwise)
     with caplog.at_level(logging.WARNING):
-        y1 = lin(x)
-        y2 = lin(x)
+        y1 = lin(x, _on())
+        y2 = lin(x, _on())
     assert torch.equal(y1, fp8_matmul.scaled_linear(x, lin.weight, lin.weight_scale, lin.bias, "tensor"))
     assert torch.equal(y1, y2)
     # row (bias fused), row (bias added), then per-tensor; the second call goes straight there
@@ -186,11 +195,11 @@ def test_refused_kernel_falls_back_once(monkeypatch, caplog):
         raise RuntimeError("no float8 here")
 
     monkeypatch.setattr(torch, "_scaled_mm", refuse_all)
-    fp8_matmul.set_enabled(True, allow_cpu=True)
+    fp8_matmul.reset()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert torch.equal(lin(x), exact)
-        assert torch.equal(lin(x), exact)
+        assert torch.equal(lin(x, _on()), exact)
+        assert torch.equal(lin(x, _on()), exact)
     assert sum("dequantizing" in r.message for r in caplog.records) == 1
 
 
@@ -204,8 +213,11 @@ def test_bias_added_outside_the_kernel_matches():
 
 
 def test_bad_mode():
-    with pytest.raises(ValueError, match="row, tensor or auto"):
-        fp8_matmul.set_enabled(True, mode="fast")
+    with pytest.raises(ValueError, match="auto, row, tensor"):
+        RunOptions(fp8_matmul="fast")
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="auto, row, tensor"):
+        fp8_matmul.try_linear(x, _linear().weight, None, None, "fast")
 
 
 def test_tiny_mmdit_fp8_matmul_close_to_dequantized():
@@ -225,8 +237,7 @@ def test_tiny_mmdit_fp8_matmul_close_to_dequantized():
     x = torch.randn(1, 16, 8, 8)
     ctx = torch.randn(1, 5, 48)
     with torch.inference_mode():
-        ref = model(x, torch.tensor([0.7]), ctx)
-        fp8_matmul.set_enabled(True, allow_cpu=True)
-        out = model(x, torch.tensor([0.7]), ctx)
+        ref = model(x, torch.tensor([0.7]), ctx, options=OFF)
+        out = model(x, torch.tensor([0.7]), ctx, options=_on())
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < 0.08

@@ -1,5 +1,5 @@
-"""The Speed Options node: a new handle carrying attention / fp8-matmul choices, applied only
-while that model samples and restored afterwards."""
+"""The Speed Options node: a new handle carrying attention / fp8-matmul choices, which reach only
+that model's calls while it samples (as its RunOptions; nothing is switched for the process)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from qwenimage_pack.model_defs import attention, fp8_matmul
+from qwenimage_pack.model_defs import attention, mmdit
+from qwenimage_pack.model_defs.run_options import DEFAULT
 from qwenimage_pack.nodes import options
 from qwenimage_pack.nodes.handles import DiffusionModel
 
@@ -16,11 +17,9 @@ from qwenimage_pack.nodes.handles import DiffusionModel
 def fake_sage(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "_load_sage", lambda: calls.append(1) or (lambda q, k, v, **kw: attention._sdpa(q, k, v, None)))
-    attention._failed.clear()
+    attention.reset()
     yield calls
-    attention.set_backend("sdpa")
-    attention._failed.clear()
-    attention._checked.clear()
+    attention.reset()
 
 
 def _handle(fmt="fp8_e4m3fn"):
@@ -47,30 +46,31 @@ def test_bad_choices_are_named():
         options.with_speed_options(_handle(), "sdpa", "on")
 
 
-def test_settings_hold_only_inside_the_run(fake_sage, caplog):
+def test_settings_are_the_handles_run_options(fake_sage, caplog):
     model = options.with_speed_options(_handle(), "sage", "row")
-    assert attention.get_backend() == "sdpa" and not fp8_matmul.is_enabled()
-    with caplog.at_level(logging.WARNING), options.speed_settings(model, torch.device("cpu")):
-        assert attention.get_backend() == "sage" and fp8_matmul.is_enabled()
-    assert attention.get_backend() == "sdpa" and not fp8_matmul.is_enabled()
+    with caplog.at_level(logging.WARNING), options.speed_settings(model, torch.device("cpu")) as run:
+        assert run.attention == "sage" and run.fp8_matmul == "row"
     assert any("float8 tensor cores" in r.getMessage() for r in caplog.records)  # a CPU has none
-    # A handle without options leaves the session's settings alone.
-    fp8_matmul.set_enabled(True)
-    try:
-        with options.speed_settings(_handle(), torch.device("cpu")):
-            assert fp8_matmul.is_enabled() and attention.get_backend() == "sdpa"
-    finally:
-        fp8_matmul.set_enabled(False)
+    # A handle without options runs with the defaults (the environment's fp8 default included).
+    with options.speed_settings(_handle(), torch.device("cpu")) as run:
+        assert run == DEFAULT and run.attention == "sdpa"
+    # "off" is a choice of its own: float8 weights are expanded whatever the default.
+    with options.speed_settings(options.with_speed_options(_handle(), "sdpa", "off"), torch.device("cpu")) as run:
+        assert run.fp8_matmul is None
 
 
 def test_a_backend_that_failed_is_not_retried(fake_sage):
-    assert attention.set_backend("sage") == "sage" and len(fake_sage) == 1
-    attention._fall_back("sage attention produced NaN")
-    assert attention.set_backend("sage") == "sdpa" and len(fake_sage) == 1
+    assert attention.resolve("sage") == "sage" and len(fake_sage) == 1
+    assert attention.resolve("sage") == "sage" and len(fake_sage) == 1  # loaded once
+    attention._fall_back("sage", "sage attention produced NaN")
+    assert attention.resolve("sage") == "sdpa" and len(fake_sage) == 1
+    assert attention._kernel("sage") is None and attention.failure("sage") == "sage attention produced NaN"
+    model = options.with_speed_options(_handle(), "sage", "off")
+    assert options.run_options(model).attention == "sdpa"
 
 
-def test_the_sampler_runs_with_the_handles_options(fake_sage):
-    """Inside the model's forward the chosen backend is active; before and after it is not."""
+def test_the_sampler_runs_with_the_handles_options(fake_sage, monkeypatch):
+    """The model's attention calls ask for the handle's backend, and only that handle's."""
     import references as refs
     from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
     from qwenimage_pack.nodes import sampling
@@ -78,14 +78,20 @@ def test_the_sampler_runs_with_the_handles_options(fake_sage):
     torch.manual_seed(0)
     module = QwenImageMMDiT(MMDiTConfig(**{**refs.TINY_MMDIT, "num_layers": 1})).eval()
     seen = []
-    module.register_forward_pre_hook(lambda *_: seen.append(attention.get_backend()))
+    real = attention.attention
+
+    def record(q, k, v, mask=None, backend="sdpa"):
+        seen.append(backend)
+        return real(q, k, v, mask, backend)
+
+    monkeypatch.setattr(mmdit, "attention", record)  # one block, one attention call per forward
     base = DiffusionModel(module=module, name="tiny.safetensors", variant="qwen-image", weight_format="float32")
     fast = options.with_speed_options(base, "sage", "off")
     positive = [[torch.randn(1, 7, 48, generator=torch.Generator().manual_seed(4)), {}]]
     latent = {"samples": torch.zeros(1, 16, 16, 16)}
     plain = sampling.sample(base, positive, latent, seed=3, steps=2, cfg=1.0, device="cpu")
     got = sampling.sample(fast, positive, latent, seed=3, steps=2, cfg=1.0, device="cpu")
-    assert seen == ["sdpa", "sdpa", "sage", "sage"] and attention.get_backend() == "sdpa"
+    assert seen == ["sdpa", "sdpa", "sage", "sage"]
     assert torch.equal(got["samples"], plain["samples"])  # on a CPU every backend is SDPA
 
 
@@ -94,6 +100,5 @@ def test_the_cudnn_backend_is_sdpa_with_another_kernel_order():
     q, k, v = (torch.randn(1, 2, 9, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     run = attention._load_cudnn()
     assert torch.allclose(run(q, k, v), attention._sdpa(q, k, v, None), atol=1e-6)
-    with attention.using("cudnn") as chosen:
-        assert chosen == "cudnn"
-    assert attention.get_backend() == "sdpa"
+    assert attention.resolve("cudnn") == "cudnn"
+    assert torch.equal(attention.attention(q, k, v, backend="cudnn"), attention._sdpa(q, k, v, None))

@@ -295,3 +295,19 @@ def test_loader_widths_show_whole_labels():
                           "QwenImageControlNetLoader": ["controlnet_name"]}[n["type"]]
                 need = layout.widget_width(inputs[0], n["widgets_values"][0])
                 assert n["size"][0] >= need, (path.name, n["type"], n["size"][0], need)
+
+
+def test_template_browser_entries():
+    """Every UI workflow has a thumbnail (<name>.jpg, what the frontend requests for a custom-node
+    template), small enough to commit, and a title / description in workflows/templates.py."""
+    sys.path.insert(0, str(ROOT / "workflows"))
+    try:
+        from templates import TEMPLATES
+    finally:
+        sys.path.remove(str(ROOT / "workflows"))
+    assert sorted(n for n, _t, _d in TEMPLATES) == sorted(p.stem for p in WORKFLOWS)
+    assert TEMPLATES[0][0] == "qwen_image_t2i"
+    for path in WORKFLOWS:
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"no JPEG thumbnail {thumb.name}"
+        assert thumb.stat().st_size < 50_000, thumb.name

@@ -3,6 +3,8 @@
 
 export const MODEL_INFO_EVENT = "qwenimage.model_info";
 export const BADGE_PROPERTY = "qwenimage_loaded";
+// Height of the row under a loader's widgets that holds the badge (workflows/layout.py uses the same).
+export const BADGE_ROW = 22;
 export const LOADER_TYPES = Object.freeze(["QwenImageDiTLoader", "QwenImageTextEncoderLoader", "QwenImageVAELoader"]);
 
 const FORMAT_NAMES = {

@@ -83,7 +83,9 @@ PLAIN_TYPES: dict[int, torch.dtype] = {
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 FusedKernel = Callable[[torch.Tensor, int, int, torch.dtype], torch.Tensor]
 
-# qtype -> fused implementation for non-CPU tensors, same signature as ``dequantize``.
+# qtype -> fused implementation for non-CPU tensors, same signature as ``dequantize`` (without
+# ``fused``). What this process has available (dequant_cuda registers it where CUDA and the
+# compiler work), not a per-run switch: a call that wants the torch kernels passes fused=False.
 _FUSED: dict[int, FusedKernel] = {}
 
 
@@ -282,8 +284,12 @@ def register_fused(qtype: int, fn: FusedKernel | None) -> None:
         _FUSED[int(qtype)] = fn
 
 
-def dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 ``[rows, bytes_per_row]`` blocks of ``qtype`` -> ``[rows, cols]`` of ``dtype``."""
+def dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype = torch.float32,
+               fused: bool = True) -> torch.Tensor:
+    """uint8 ``[rows, bytes_per_row]`` blocks of ``qtype`` -> ``[rows, cols]`` of ``dtype``.
+
+    ``fused`` False: the torch kernels even where a fused kernel is registered (the caller's
+    ``RunOptions.fused_dequant``: torch.compile'd blocks trace these and let the compiler fuse)."""
     qtype = int(qtype)
     spec = GGML_TYPES.get(qtype)
     if spec is None or qtype not in SUPPORTED_TYPES:
@@ -304,9 +310,9 @@ def dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype =
     plain = PLAIN_TYPES.get(qtype)
     if plain is not None:
         return blocks.contiguous().view(plain).reshape(rows, cols).to(dtype)
-    fused = _FUSED.get(qtype)
-    if fused is not None and blocks.device.type != "cpu":
-        return fused(blocks, qtype, cols, dtype)
+    kernel = _FUSED.get(qtype) if fused and blocks.device.type != "cpu" else None
+    if kernel is not None:
+        return kernel(blocks, qtype, cols, dtype)
     out = _KERNELS[qtype](blocks.reshape(-1, spec.type_size))
     return out.reshape(rows, cols).to(dtype)
 

@@ -9,6 +9,9 @@ Storage kinds, chosen by what is assigned to ``weight``:
 - float8 tensor, with optional ``weight_scale``: ``w.to(dtype) * scale`` on use;
 - uint8 GGUF blocks with ``quant_type`` set (``weight`` has shape ``[rows, bytes_per_row]``,
   ``quant_shape`` the logical shape): dequantized on the compute device on use.
+
+How a call computes (float8 matmuls, which GGUF kernels) is that call's ``RunOptions``
+(``Linear.forward(x, options)``); a call without options gets the defaults.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import fp8_matmul
+from ..run_options import DEFAULT, RunOptions
 
 
 class QuantizedTensor(NamedTuple):
@@ -34,12 +38,14 @@ FP8_DTYPES = tuple(
     getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)
 )
 
-# GGUF type id -> fn(blocks_uint8 [rows, bytes], qtype, cols, dtype) -> [rows, cols] tensor.
-# Filled by model_defs.weights.dequant so this module stays free of format details.
-DEQUANTIZERS: dict[int, Callable[[torch.Tensor, int, int, torch.dtype], torch.Tensor]] = {}
+# GGUF type id -> fn(blocks_uint8 [rows, bytes], qtype, cols, dtype, fused) -> [rows, cols] tensor.
+# Filled by model_defs.weights.dequant so this module stays free of format details. ``fused``
+# False: the plain PyTorch kernels even where a fused GPU kernel is registered.
+DEQUANTIZERS: dict[int, Callable[[torch.Tensor, int, int, torch.dtype, bool], torch.Tensor]] = {}
 
 
-def dequantize_rows(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_rows(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype,
+                    fused: bool = True) -> torch.Tensor:
     fn = DEQUANTIZERS.get(qtype)
     if fn is None:
         # Importing registers the kernels; done lazily so plain models never pay for it.
@@ -48,7 +54,7 @@ def dequantize_rows(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dt
         fn = DEQUANTIZERS.get(qtype)
     if fn is None:
         raise ValueError(f"no dequantizer registered for GGUF type {qtype}")
-    return fn(blocks, qtype, cols, dtype)
+    return fn(blocks, qtype, cols, dtype, fused)
 
 
 class _CompactWeight:
@@ -79,7 +85,7 @@ class _CompactWeight:
         self.quant_type = int(qtype)
         self.quant_shape = tuple(int(s) for s in shape)
 
-    def dense_weight(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    def dense_weight(self, dtype: torch.dtype, device: torch.device | None = None, fused: bool = True) -> torch.Tensor:
         w = self.weight
         if device is not None and w.device != device:
             w = w.to(device, non_blocking=True)
@@ -87,7 +93,7 @@ class _CompactWeight:
             cols = 1
             for n in self.quant_shape[1:]:
                 cols *= n
-            return dequantize_rows(w, self.quant_type, cols, dtype).reshape(self.quant_shape)
+            return dequantize_rows(w, self.quant_type, cols, dtype, fused).reshape(self.quant_shape)
         if w.dtype != dtype:
             w = w.to(dtype)
         if self.weight_scale is not None:
@@ -135,13 +141,15 @@ class Linear(_CompactWeight, nn.Linear):
                 total = c if total is None else total + c
         return total
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, options: RunOptions | None = None) -> torch.Tensor:
+        opts = DEFAULT if options is None else options
         y = None
-        if self.weight.dtype in FP8_DTYPES and fp8_matmul.is_enabled():
-            # float8 tensor cores, when switched on and supported; None means dequantize.
-            y = fp8_matmul.try_linear(x, self.weight, self.weight_scale, self.bias)
+        if opts.fp8_matmul is not None and self.weight.dtype in FP8_DTYPES:
+            # float8 tensor cores, when this call asks and the device has them; None means dequantize.
+            y = fp8_matmul.try_linear(x, self.weight, self.weight_scale, self.bias, opts.fp8_matmul,
+                                      opts.fp8_on_cpu, opts.fp8_compile)
         if y is None:
-            w = self.dense_weight(x.dtype, x.device)
+            w = self.dense_weight(x.dtype, x.device, opts.fused_dequant)
             b = self.bias
             if b is not None and (b.dtype != x.dtype or b.device != x.device):
                 b = b.to(device=x.device, dtype=x.dtype)

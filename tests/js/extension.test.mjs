@@ -47,7 +47,7 @@ test("the extension registers under its name", () => {
   assert.equal(ext.name, "qwenimage.ui");
 });
 
-test("aspect-ratio presets set and lock width and height", async () => {
+test("aspect-ratio presets set and lock width and height, and keep showing them", async () => {
   const NodeType = makeNodeType();
   await ext.beforeRegisterNodeDef(NodeType, { name: "QwenImageEmptyLatent" });
   const node = new NodeType();
@@ -59,21 +59,29 @@ test("aspect-ratio presets set and lock width and height", async () => {
   ];
   node.onNodeCreated();
   const [width, height, , ratio] = node.widgets;
-  assert.equal(width.disabled, false);
+  assert.equal(width.label, undefined);
   assert.equal(width.value, 512);
 
   ratio.value = "16:9 (1664x928)";
   ratio.callback(ratio.value);
-  assert.deepEqual([width.value, height.value, width.disabled, height.disabled], [1664, 928, true, true]);
+  assert.deepEqual([width.value, height.value, width.label, height.label], [1664, 928, "width (preset)", "height (preset)"]);
+  // Never `disabled`: the frontend draws a disabled widget without its number.
+  assert.ok(!width.disabled && !height.disabled);
+  width.value = 700; // an edit of a locked size snaps back
+  width.callback(700);
+  assert.equal(width.value, 1664);
 
   ratio.value = "custom";
   ratio.callback(ratio.value);
-  assert.deepEqual([width.value, height.value, width.disabled], [1664, 928, false]);
+  assert.deepEqual([width.value, height.value, width.label], [1664, 928, undefined]);
+  width.value = 700;
+  width.callback(700);
+  assert.equal(width.value, 700);
 
   // A saved workflow restores a preset after creation.
   ratio.value = "2:3 (1056x1584)";
   node.onConfigure({});
-  assert.deepEqual([width.value, height.value, height.disabled], [1056, 1584, true]);
+  assert.deepEqual([width.value, height.value, height.label], [1056, 1584, "height (preset)"]);
 });
 
 test("model info from the backend lands on the right loader node and is drawn", async () => {
@@ -93,13 +101,19 @@ test("model info from the backend lands on the right loader node and is drawn", 
   assert.equal(other.properties.qwenimage_loaded, undefined);
 
   const drawn = [];
+  const boxes = [];
   const ctx = {
-    save() {}, restore() {}, beginPath() {}, fill() {}, rect() {}, roundRect() {},
+    save() {}, restore() {}, beginPath() {}, fill() {}, rect: (...b) => boxes.push(b), roundRect: (...b) => boxes.push(b),
     measureText: (t) => ({ width: t.length * 6 }),
     fillText: (t) => drawn.push(t),
   };
   loader.onDrawForeground(ctx);
   assert.deepEqual(drawn, ["qwen-image · GGUF"]);
+  // Inside the node, in the row computeSize adds under the widgets: clear of the title bar
+  // (the frontend's node-source badge) and of the node above.
+  const [x, y, w, h] = boxes[0];
+  assert.ok(x >= 0 && x + w <= loader.size[0] && y >= loader.size[1] - 22 && y + h <= loader.size[1], String(boxes[0]));
+  assert.deepEqual(new NodeType().computeSize(), [300, 122]);
   loader.flags.collapsed = true;
   loader.onDrawForeground(ctx);
   assert.equal(drawn.length, 1);
