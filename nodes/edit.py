@@ -203,6 +203,10 @@ class QwenImageMatchSize:
         return (torch.stack(out),)
 
 
+# The mask LoadImage returns for a picture without alpha (ComfyUI's nodes.py: torch.zeros((64, 64))).
+LOADIMAGE_EMPTY_MASK = (64, 64)
+
+
 class QwenImageInpaintMask:
     CATEGORY = "Qwen-Image/latent"
     RETURN_TYPES = ("LATENT",)
@@ -223,6 +227,15 @@ class QwenImageInpaintMask:
         m = mask if mask.ndim == 3 else mask[None]
         mh, mw = m.shape[-2:]
         lh, lw = z.shape[-2:]
+        # LoadImage hands out a 64x64 all-zero MASK when the picture has no alpha channel and nothing
+        # was painted; saying "wrong image" then would blame the right connection.
+        if (mh, mw) == LOADIMAGE_EMPTY_MASK and (lh * 8, lw * 8) != LOADIMAGE_EMPTY_MASK and not bool(m.any()):
+            raise ValueError(
+                f"mask is empty: the image has no alpha channel and no mask was painted, so LoadImage's MASK is a "
+                f"64x64 placeholder and nothing of the {lw * 8}x{lh * 8} image would be regenerated. Paint the area to "
+                "change: right-click the LoadImage node > Open in MaskEditor, paint, Save (or load a PNG whose "
+                "transparent pixels mark the area)"
+            )
         if abs(mw / mh - lw / lh) > 0.02 * (lw / lh) + 1.0 / min(lh, lw):
             raise ValueError(
                 f"mask is {mw}x{mh} pixels but the latent is for a {lw * 8}x{lh * 8} image (different shape); "

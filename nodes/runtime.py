@@ -13,6 +13,8 @@ from typing import Iterable
 
 import torch
 
+from ..model_defs.weights.errors import PackError
+
 log = logging.getLogger("qwenimage")
 
 try:  # pragma: no cover - exercised only inside ComfyUI
@@ -63,8 +65,8 @@ _DIFFUSERS_MARKERS = (
 )
 
 
-class ModelFileNotFound(FileNotFoundError):
-    pass
+class ModelFileNotFound(PackError, FileNotFoundError):
+    """A chosen file is in none of the model folders (ComfyUI shows it as qwenimage.ModelFileNotFound)."""
 
 
 def _base_dirs(kind: str) -> list[Path]:

@@ -171,3 +171,21 @@ def test_inpaint_mask_must_fit_the_image():
     QwenImageInpaintMask().apply(latent, torch.ones(1, 256, 384))  # same shape, other resolution: fine
     with pytest.raises(ValueError, match="mask is 512x512 pixels but the latent is for a 768x512 image"):
         QwenImageInpaintMask().apply(latent, torch.ones(512, 512))
+
+
+def test_inpaint_mask_says_when_nothing_was_painted():
+    """An RGB photo without alpha gives LoadImage's 64x64 all-zero placeholder: the message names the
+    real cause and how to paint a mask, not "the mask of another image"."""
+    from qwenimage_pack.nodes.edit import QwenImageInpaintMask
+
+    for latent in ({"samples": torch.zeros(1, 16, 64, 96)}, {"samples": torch.zeros(1, 16, 128, 128)}):  # 768x512, square 1024
+        with pytest.raises(ValueError, match="no alpha channel and no mask was painted") as err:
+            QwenImageInpaintMask().apply(latent, torch.zeros(1, 64, 64))
+        assert "right-click the LoadImage node > Open in MaskEditor" in str(err.value)
+    latent = {"samples": torch.zeros(1, 16, 64, 96)}
+    painted = torch.zeros(1, 64, 64)
+    painted[0, 10:20, 10:20] = 1.0
+    with pytest.raises(ValueError, match="mask is 64x64 pixels but the latent is for a 768x512 image"):
+        QwenImageInpaintMask().apply(latent, painted)  # a painted mask of another image: still refused
+    tiny = {"samples": torch.zeros(1, 16, 8, 8)}  # a 64x64 image: its own empty mask is no placeholder
+    assert QwenImageInpaintMask().apply(tiny, torch.zeros(64, 64))[0]["noise_mask"].shape == (1, 1, 64, 64)

@@ -1,12 +1,16 @@
 """tools/qwenimage_queue.py against a small fake ComfyUI on 127.0.0.1.
 
-The fake answers /prompt, /queue, /history/<id>, /view and /upload/image the way ComfyUI's
-server.py does (same JSON shapes), and records what it was sent. Every wait is bounded.
+The fake answers /prompt, /queue, /interrupt, /history/<id>, /object_info/<class>, /view,
+/upload/image and the /ws websocket the way ComfyUI's server.py does (same JSON shapes), and
+records what it was sent. Every wait is bounded.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
 import json
+import struct
 import threading
 import time
 import urllib.parse
@@ -28,17 +32,44 @@ def _load_cli():
 
 cli = _load_cli()
 API_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
+# /object_info's "input" of the node types the tests --set (others answer {} as ComfyUI does).
+OBJECT_INFO = {
+    "QwenImageEmptyLatent": {"required": {"width": ["INT", {}], "height": ["INT", {}], "batch_size": ["INT", {}]},
+                             "optional": {"aspect_ratio": [["custom", "1:1 (1328x1328)"], {}]}},
+    "SaveImage": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {}]}, "hidden": {"prompt": "PROMPT"}},
+}
+PARTIAL_NODE_ERRORS = {"4": {
+    "errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                "details": "controlnet_name: 'missing.safetensors' not in ['union.safetensors']",
+                "extra_info": {"input_name": "controlnet_name", "input_config": None, "received_value": "missing.safetensors"}}],
+    "dependent_outputs": ["14"], "class_type": "QwenImageControlNetLoader"}}
+
+
+def ws_frame(op: int, payload: bytes, fin: bool = True) -> bytes:
+    """A server frame (unmasked), with the 7-, 16- or 64-bit length as the size needs."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | op])
+    head += bytes([n]) if n < 126 else (bytes([126]) + struct.pack(">H", n) if n < 65536 else bytes([127]) + struct.pack(">Q", n))
+    return head + payload
+
+
+def _event(kind, **data):
+    return json.dumps({"type": kind, "data": data}).encode()
 
 
 class FakeComfy:
-    """``outcome``: success | error | interrupted | hang | reject."""
+    """``outcome``: success | error | interrupted | hang | reject | partial (accepted with node_errors)."""
 
-    def __init__(self, outcome="success", polls_before_done=2):
+    def __init__(self, outcome="success", polls_before_done=2, websocket=True):
         self.outcome = outcome
         self.polls_before_done = polls_before_done
+        self.websocket = websocket
+        self.running = None  # True / False: what /queue says about p-1 (None: running until done)
         self.posted: list[dict] = []
+        self.control: list[tuple[str, dict]] = []  # POST /queue and /interrupt bodies
         self.uploads: list[bytes] = []
         self.views: list[dict] = []
+        self.ws_received: list[tuple[int, bytes]] = []
         self.polls = 0
         fake = self
 
@@ -59,6 +90,8 @@ class FakeComfy:
                 if self.path == "/prompt":
                     body = json.loads(data)
                     fake.posted.append(body)
+                    if fake.outcome == "partial":  # the outputs that passed are queued anyway
+                        return self._json({"prompt_id": "p-1", "number": 0, "node_errors": PARTIAL_NODE_ERRORS})
                     if fake.outcome == "reject":
                         return self._json({
                             "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": "", "extra_info": {}},
@@ -68,6 +101,12 @@ class FakeComfy:
                                  "extra_info": {"input_name": "model_name"}}]}},
                         }, 400)
                     return self._json({"prompt_id": "p-1", "number": 0, "node_errors": {}})
+                if self.path in ("/queue", "/interrupt"):
+                    fake.control.append((self.path, json.loads(data)))
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path == "/upload/image":
                     fake.uploads.append(data)
                     return self._json({"name": "uploaded.png", "subfolder": "", "type": "input"})
@@ -76,8 +115,13 @@ class FakeComfy:
             def do_GET(self):
                 url = urllib.parse.urlparse(self.path)
                 if url.path == "/queue":
-                    running = [[0, "p-1", {}, {}, []]] if fake.polls < fake.polls_before_done else []
-                    return self._json({"queue_running": running, "queue_pending": []})
+                    busy = fake.polls < fake.polls_before_done if fake.running is None else fake.running
+                    return self._json({"queue_running": [[0, "p-1", {}, {}, []]] if busy else [], "queue_pending": []})
+                if url.path.startswith("/object_info/"):
+                    name = urllib.parse.unquote(url.path[len("/object_info/"):])
+                    return self._json({name: {"input": OBJECT_INFO[name]}} if name in OBJECT_INFO else {})
+                if url.path == "/ws" and fake.websocket:
+                    return self._websocket()
                 if url.path.startswith("/history/"):
                     fake.polls += 1
                     if fake.outcome == "hang" or fake.polls <= fake.polls_before_done:
@@ -93,9 +137,48 @@ class FakeComfy:
                     return
                 self._json({}, 404)
 
+            def _websocket(self):
+                key = self.headers["Sec-WebSocket-Key"]
+                accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+                self.send_response(101)
+                self.send_header("Upgrade", "websocket")
+                self.send_header("Connection", "Upgrade")
+                self.send_header("Sec-WebSocket-Accept", accept.decode())
+                self.end_headers()
+                self.wfile.write(b"".join(fake.ws_frames()))
+                self.wfile.flush()
+                self.close_connection = True
+                while True:  # the client's frames (always masked) until its close
+                    head = self.rfile.read(2)
+                    if len(head) < 2:
+                        return
+                    n = head[1] & 0x7F
+                    if n == 126:
+                        n = struct.unpack(">H", self.rfile.read(2))[0]
+                    mask = self.rfile.read(4)
+                    payload = bytes(c ^ mask[i % 4] for i, c in enumerate(self.rfile.read(n)))
+                    fake.ws_received.append((head[0] & 0x0F, payload))
+                    if head[0] & 0x0F == 0x8:
+                        return
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def ws_frames(self) -> list[bytes]:
+        """What ComfyUI sends a client running a t2i prompt: status, node starts, steps (one split
+        into fragments), a binary preview over 64 KiB, a ping, and another prompt's progress."""
+        progress1 = _event("progress", value=1, max=2, prompt_id="p-1", node="7")
+        return [
+            ws_frame(0x1, _event("status", status={"exec_info": {"queue_remaining": 1}}, sid="x")),
+            ws_frame(0x1, _event("execution_cached", nodes=["1", "2"], prompt_id="p-1")),
+            ws_frame(0x1, _event("executing", node="7", display_node="7", prompt_id="p-1")),
+            ws_frame(0x1, progress1[:20], fin=False), ws_frame(0x0, progress1[20:]),
+            ws_frame(0x2, b"\x00\x00\x00\x01" + b"p" * 70000),
+            ws_frame(0x9, b"are you there"),
+            ws_frame(0x1, _event("progress", value=2, max=2, prompt_id="p-1", node="7")),
+            ws_frame(0x1, _event("progress", value=5, max=9, prompt_id="p-other", node="3")),
+        ]
 
     def history_entry(self):
         if self.outcome == "error":
@@ -284,3 +367,87 @@ def test_prompt_follows_pass_through_nodes():
     cli.apply_overrides(prompt, args)
     assert prompt["4"]["inputs"]["prompt"] == "a cat"
     assert prompt["5"]["inputs"]["prompt"] == "blurry"
+
+
+@pytest.mark.parametrize("running", [False, True], ids=["pending", "running"])
+def test_partial_acceptance_fails_and_cancels_the_prompt(tmp_path, capsys, running):
+    """ComfyUI queues the outputs that passed validation beside node_errors (a missing ControlNet
+    file leaves the Canny preview): that is a failure naming the node and input, and the queued
+    remainder is taken back (dequeued, and interrupted only when it already runs)."""
+    with FakeComfy("partial") as fake:
+        fake.running = running
+        rc = run_cli(fake, tmp_path, "--previews")
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "rejected part of the workflow" in err
+    assert "node 4 (QwenImageControlNetLoader) input 'controlnet_name': Value not in list" in err
+    assert "missing.safetensors" in err and "blocks output node(s) 14" in err
+    assert ("interrupted" if running else "cancelled before it ran") in err
+    expected = [("/queue", {"delete": ["p-1"]})] + ([("/interrupt", {"prompt_id": "p-1"})] if running else [])
+    assert fake.control == expected
+    assert fake.polls == 0 and not fake.views and not (tmp_path / "out").exists()
+    assert "queued" not in out
+
+
+def test_set_refuses_an_input_the_node_does_not_take(tmp_path, capsys):
+    with FakeComfy() as fake:
+        rc = run_cli(fake, tmp_path, "--set", "6.widht=64")
+        assert not fake.posted
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "node 6 (QwenImageEmptyLatent) has no input 'widht' (did you mean 'width'?)" in err
+    assert "its inputs: aspect_ratio, batch_size, height, width" in err
+
+
+def test_set_accepts_optional_inputs_and_unknown_node_types(tmp_path):
+    wf = {
+        "6": {"class_type": "QwenImageEmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "SomeOtherPackNode", "inputs": {"images": ["6", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "x"}},
+    }
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    with FakeComfy() as fake:
+        # optional and not yet in the workflow / a type /object_info does not know (ComfyUI names it)
+        assert run_cli(fake, tmp_path, "--set", "6.aspect_ratio=custom", "--set", "8.anything=1", workflow=str(path)) == 0
+    p = fake.posted[0]["prompt"]
+    assert p["6"]["inputs"]["aspect_ratio"] == "custom" and p["8"]["inputs"]["anything"] == 1
+
+
+def test_quiet_prints_only_the_saved_files(tmp_path, capsys):
+    with FakeComfy() as fake:
+        assert run_cli(fake, tmp_path, "--quiet", "--seed", "3") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("saved ") for line in lines), lines
+    with FakeComfy() as fake:
+        assert run_cli(fake, tmp_path, "--quiet", "--no-wait") == 0
+    assert capsys.readouterr().out == "p-1\n"  # the result of --no-wait, bare for scripts
+
+
+def test_live_progress_over_the_websocket_with_the_standard_library(tmp_path, capsys):
+    with FakeComfy(polls_before_done=3) as fake:
+        argv = ["--server", fake.url, "--workflow", "qwen_image_t2i", "--out", str(tmp_path / "out"), "--timeout", "10"]
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        deadline = time.monotonic() + 5
+        while not any(op == 0x8 for op, _ in fake.ws_received) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    out = capsys.readouterr().out
+    assert "running node 7 (QwenImageSampler)" in out
+    assert "node 7 (QwenImageSampler): step 1/2" in out and "node 7 (QwenImageSampler): step 2/2" in out
+    assert "cached: 1, 2" in out
+    assert "p-other" not in out and "step 5/9" not in out  # another prompt's progress
+    assert (0xA, b"are you there") in fake.ws_received  # the ping was answered
+    assert fake.ws_received[-1][0] == 0x8  # and the socket closed cleanly
+
+
+def test_websocket_accept_key_matches_rfc_6455():
+    # The worked example of RFC 6455 section 1.3, independent of the fake above.
+    assert cli.progress_mod.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_without_a_websocket_it_says_so_once_and_polls(tmp_path, capsys):
+    with FakeComfy(websocket=False) as fake:
+        argv = ["--server", fake.url, "--workflow", "qwen_image_t2i", "--out", str(tmp_path / "out"), "--timeout", "10"]
+        assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("no live step progress") == 1 and "running" in out

@@ -4,16 +4,21 @@
     python tools/qwenimage_queue.py --workflow qwen_image_t2i --prompt "a red fox" --seed 7 --out outputs/
 
 --workflow takes an API-format file (ComfyUI: Workflow > Export (API)) or the name of a bundled
-workflow in workflows/api/. The tool posts it to /prompt, follows progress (over the websocket
-when the optional `websocket-client` package is installed, otherwise by polling /history), and
-downloads every image the run produced through /view. Only the standard library is needed.
+workflow in workflows/api/. The tool checks every --set against the node's inputs (/object_info),
+posts the workflow to /prompt, shows the running node and the sampler's steps (ComfyUI's /ws
+websocket, read with the standard library; see qwenimage_queue_progress.py), waits for the
+result by polling /history, and downloads every image the run produced through /view.
+Only the standard library is needed.
 
-Exit status: 0 when the images were saved, 1 when ComfyUI rejected or failed the prompt (the
-message names the node and input), 2 for bad arguments, 3 on timeout.
+Exit status: 0 when the images were saved, 1 when ComfyUI rejected any part of the workflow
+(the rest is cancelled, not run) or failed the prompt (the message names the node and input),
+2 for bad arguments, 3 on timeout.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.util
 import json
 import mimetypes
 import sys
@@ -39,6 +44,19 @@ FILE_OVERRIDES = {
 TEXT_INPUTS = ("prompt", "text")
 SEED_INPUTS = ("seed", "noise_seed")
 POLL_SECONDS = 0.5
+
+
+def _load_sibling(name: str):
+    """A module next to this file, found whether this runs as a script or is loaded by path."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(name + ".py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+progress_mod = _load_sibling("qwenimage_queue_progress")
 
 
 class QueueError(Exception):
@@ -119,8 +137,11 @@ def parse_value(text: str):
         return text
 
 
-def apply_overrides(prompt: dict, args) -> list[str]:
-    """Change the prompt in place; returns a line per change for the console."""
+def apply_overrides(prompt: dict, args, input_names=None) -> list[str]:
+    """Change the prompt in place; returns a line per change for the console.
+
+    ``input_names(class_type)``: the inputs a node type takes (a set), or None when unknown;
+    --set refuses any other name, since ComfyUI ignores an unknown input without a word."""
     changes: list[str] = []
 
     def set_input(node_id: str, name: str, value) -> None:
@@ -171,8 +192,24 @@ def apply_overrides(prompt: dict, args) -> list[str]:
             raise QueueError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE, e.g. --set 6.width=1024", 2)
         if node_id not in prompt:
             raise QueueError(f"--set {item!r}: the workflow has no node {node_id!r} (nodes: {', '.join(sorted(prompt, key=lambda i: (len(i), i)))})", 2)
+        check_input_name(prompt, node_id, name, item, input_names)
         set_input(node_id, name, parse_value(raw))
     return changes
+
+
+def check_input_name(prompt: dict, node_id: str, name: str, item: str, input_names) -> None:
+    """Refuse an input the node does not take (a typo would otherwise leave the default in place)."""
+    class_type = prompt[node_id].get("class_type")
+    known = input_names(class_type) if input_names is not None else None
+    if known is None:  # node type unknown to this server: ComfyUI's own validation names it
+        return
+    valid = set(known) | set(prompt[node_id].get("inputs", {}))
+    if name in valid:
+        return
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise QueueError(f"--set {item!r}: node {node_id} ({class_type}) has no input {name!r}{hint}; "
+                     f"its inputs: {', '.join(sorted(valid))}", 2)
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -184,6 +221,7 @@ class Client:
         self.base = server.rstrip("/")
         self.timeout = timeout
         self.client_id = uuid.uuid4().hex
+        self._object_info: dict = {}
 
     def _open(self, request: urllib.request.Request):
         try:
@@ -242,7 +280,36 @@ class Client:
         status, reply = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
         if status != 200 or not isinstance(reply, dict) or "prompt_id" not in reply:
             raise QueueError("ComfyUI rejected the workflow:\n" + describe_rejection(reply, prompt))
-        return reply["prompt_id"]
+        prompt_id = reply["prompt_id"]
+        if reply.get("node_errors"):
+            # ComfyUI queues the outputs that passed validation and drops the rest; running that
+            # remainder would "succeed" without the images asked for, so take it back at once.
+            state = self.cancel(prompt_id)
+            raise QueueError(f"ComfyUI rejected part of the workflow; prompt {prompt_id} was {state}, nothing saved:\n"
+                             + describe_rejection({"node_errors": reply["node_errors"]}, prompt))
+        return prompt_id
+
+    def cancel(self, prompt_id: str) -> str:
+        """Take a queued prompt back: out of the queue, or interrupted if it already runs."""
+        self.post_json("/queue", {"delete": [prompt_id]})
+        if self.queue_position(prompt_id) != "running":
+            return "cancelled before it ran"
+        # With a prompt_id, /interrupt stops only that prompt (ComfyUI 0.3.6x and 0.30); another
+        # client's prompt running by then is left alone.
+        self.post_json("/interrupt", {"prompt_id": prompt_id})
+        return "interrupted"
+
+    def input_names(self, class_type: str):
+        """The required and optional inputs of a node type (/object_info), None when unknown."""
+        if class_type not in self._object_info:
+            try:
+                info = self.get_json(f"/object_info/{urllib.parse.quote(class_type, safe='')}").get(class_type)
+            except (urllib.error.HTTPError, ValueError, AttributeError):
+                info = None
+            spec = (info or {}).get("input") if isinstance(info, dict) else None
+            self._object_info[class_type] = None if not isinstance(spec, dict) else {
+                name for section in ("required", "optional") for name in (spec.get(section) or {})}
+        return self._object_info[class_type]
 
     def history(self, prompt_id: str):
         return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
@@ -273,67 +340,14 @@ def describe_rejection(reply, prompt: dict) -> str:
             name = (e.get("extra_info") or {}).get("input_name")
             where = f"node {node_id} ({class_type})" + (f" input {name!r}" if name else "")
             lines.append(f"  {where}: {e.get('message', '')}: {e.get('details', '')}".rstrip(": "))
+        if info.get("dependent_outputs"):
+            lines.append(f"    (blocks output node(s) {', '.join(map(str, info['dependent_outputs']))})")
     return "\n".join(lines) or f"  {json.dumps(reply)[:2000]}"
 
 
 # ----------------------------------------------------------------------------- waiting
 
-class _Progress:
-    """Follows the websocket when websocket-client is importable; silent otherwise."""
-
-    def __init__(self, client: Client, quiet: bool):
-        self.ws = None
-        self.quiet = quiet
-        self.prompt_id = None
-        try:
-            import websocket  # type: ignore  # optional: `pip install websocket-client`
-        except ImportError:
-            return
-        url = client.base.replace("http://", "ws://").replace("https://", "wss://") + f"/ws?clientId={client.client_id}"
-        try:
-            self.ws = websocket.create_connection(url, timeout=2)
-            self.ws.settimeout(POLL_SECONDS)
-        except Exception:
-            self.ws = None
-
-    def pump(self) -> None:
-        """Print what arrived for our prompt in the last moment (or just wait a moment)."""
-        if self.ws is None:
-            time.sleep(POLL_SECONDS)
-            return
-        deadline = time.monotonic() + POLL_SECONDS
-        while time.monotonic() < deadline:
-            try:
-                msg = self.ws.recv()
-            except Exception as err:  # a timeout, or the socket went away: keep polling /history
-                if type(err).__name__ != "WebSocketTimeoutException":
-                    self.close()
-                    time.sleep(max(0.0, deadline - time.monotonic()))
-                return
-            if not isinstance(msg, str):
-                continue  # binary preview frames
-            try:
-                event = json.loads(msg)
-            except ValueError:
-                continue
-            data = event.get("data") or {}
-            if data.get("prompt_id") not in (None, self.prompt_id) or self.quiet:
-                continue
-            if event.get("type") == "progress":
-                print(f"  node {data.get('node')}: step {data.get('value')}/{data.get('max')}", flush=True)
-            elif event.get("type") == "executing" and data.get("node"):
-                print(f"  running node {data['node']}", flush=True)
-
-    def close(self) -> None:
-        if self.ws is not None:
-            try:
-                self.ws.close()
-            except Exception:
-                pass
-            self.ws = None
-
-
-def wait_for(client: Client, prompt_id: str, timeout: float, progress: _Progress | None = None, quiet: bool = False) -> dict:
+def wait_for(client: Client, prompt_id: str, timeout: float, progress=None, quiet: bool = False) -> dict:
     """The history entry of a finished prompt; raises QueueError on failure, interrupt or timeout."""
     deadline = time.monotonic() + timeout
     last_state = None
@@ -347,11 +361,11 @@ def wait_for(client: Client, prompt_id: str, timeout: float, progress: _Progress
         if time.monotonic() > deadline:
             raise QueueError(f"prompt {prompt_id} did not finish within {timeout:g} s (it is still queued or running in ComfyUI)", 3)
         state = client.queue_position(prompt_id)
-        if state != last_state and not quiet:
+        if state != last_state and state != "unknown" and not quiet:  # unknown: ended, history not yet written
             print(f"  {state}", flush=True)
             last_state = state
         if progress is not None:
-            progress.pump()
+            progress.pump(POLL_SECONDS)
         else:
             time.sleep(POLL_SECONDS)
 
@@ -414,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the result (default 3600)")
     p.add_argument("--previews", action="store_true", help="also save PreviewImage results (ComfyUI's temp images)")
     p.add_argument("--no-wait", action="store_true", help="queue and print the prompt id only")
-    p.add_argument("--no-websocket", action="store_true", help="poll /history even when websocket-client is installed")
-    p.add_argument("--quiet", action="store_true", help="print only the saved files and errors")
+    p.add_argument("--no-websocket", action="store_true", help="no live node / step progress: only poll /queue and /history")
+    p.add_argument("--quiet", action="store_true", help="print only the saved files (with --no-wait: the prompt id) and errors")
     return p
 
 
@@ -424,7 +438,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
     prompt = load_workflow(args.workflow)
     client = Client(args.server)
     # Every override is checked before anything is uploaded or queued.
-    changes = apply_overrides(prompt, args)
+    changes = apply_overrides(prompt, args, client.input_names if args.set else None)
     if args.image:
         loaders = _nodes_of(prompt, "LoadImage")
         if not loaders:
@@ -441,10 +455,11 @@ def run(argv: list[str] | None = None) -> list[Path]:
     if not args.quiet:
         for line in changes:
             print("set", line)
-    progress = None if args.no_wait or args.no_websocket else _Progress(client, args.quiet)
+    progress = None if args.no_wait or args.no_websocket else progress_mod.Progress(client.base, client.client_id, prompt, args.quiet)
     try:
         prompt_id = client.queue(prompt)
-        print(f"queued {prompt_id}", flush=True)
+        if args.no_wait or not args.quiet:  # with --no-wait the id is the result, so --quiet prints it bare
+            print(prompt_id if args.quiet else f"queued {prompt_id}", flush=True)
         if args.no_wait:
             return []
         if progress is not None:
