@@ -86,6 +86,14 @@ if runtime.QwenImageBaseModel is not None:
         def get_dtype(self) -> torch.dtype:
             return self.diffusion_model.compute_dtype
 
+        def extra_conds(self, **kwargs):
+            # Our LATENTs are [B, 16, h, w]; ComfyUI's Wan latent format expects a frame axis and
+            # would broadcast a 4-D reference latent into a wrong 5-D one.
+            refs = kwargs.get("reference_latents")
+            if refs is not None:
+                kwargs["reference_latents"] = [r.unsqueeze(2) if r.ndim == 4 else r for r in refs]
+            return super().extra_conds(**kwargs)
+
         def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
             if c_concat is not None:
                 raise ValueError("Qwen-Image takes no concat conditioning (an inpainting model's mask/image input); "
