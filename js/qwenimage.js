@@ -77,6 +77,7 @@ function drawBadge(node, ctx) {
   const w = Math.min(ctx.measureText(text).width + 12, node.size[0] - 12);
   const x = Math.max(6, node.size[0] - w - 6);
   const y = node.size[1] - h - (BADGE_ROW - h) / 2;
+  node.qwenimageBadgeBox = [x, y, w, h]; // where it went, for the browser tests
   ctx.fillStyle = "#24573f";
   ctx.beginPath();
   if (ctx.roundRect) ctx.roundRect(x, y, w, h, 4);
