@@ -60,6 +60,7 @@ def ui():
             # The frontend restores or opens its first workflow asynchronously after start; a
             # workflow loaded before that is replaced, so let it settle first.
             pg.wait_for_timeout(4_000)
+            pg.keyboard.press("Escape")  # 1.48 greets a first start with the template dialog
             pg.evaluate("""() => {
                 window.__qwenMissing = null;
                 window.comfyAPI.app.app.registerExtension({
