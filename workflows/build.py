@@ -164,7 +164,9 @@ def arrange(nodes: list[Node]) -> list[dict]:
         column = n.column if n.column is not None else role[0]
         title = n.group or role[2]
         key = (column, title if title else f"#{n.id}")
-        entries.setdefault(key, []).append((role[1], order, n.id))
+        # A node moved to another column (ControlNet's image) goes under that column's own groups.
+        rank = role[1] if n.column is None else 20
+        entries.setdefault(key, []).append((rank, order, n.id))
     columns: dict[int, list] = {}
     for (column, key), members in sorted(entries.items(), key=lambda kv: (kv[0][0], min(kv[1]))):
         members.sort()
