@@ -1,30 +1,19 @@
 """Run by test_comfyui_bridge.py in ComfyUI's own Python: our model given to ComfyUI's core
 samplers through 'Qwen-Image as ComfyUI MODEL' (a tiny random MMDiT, fp32, CPU).
 
-argv: <ComfyUI checkout> <this pack's checkout>. Prints one JSON line of observations.
+argv: <ComfyUI checkout> <this pack's checkout> (see probe_boot.py). Prints one JSON line of observations.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
-comfy_dir, pack_dir = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, comfy_dir)
-
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+import probe_boot  # noqa: F401  (ComfyUI on the path, its settings, the pack importable)
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import torch  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("qwenimage_pack", f"{pack_dir}/__init__.py",
-                                              submodule_search_locations=[pack_dir])
-sys.modules["qwenimage_pack"] = importlib.util.module_from_spec(spec)
 from qwenimage_pack.model_defs import sampling as fm  # noqa: E402
 from qwenimage_pack.model_defs import schedule  # noqa: E402
 from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402

@@ -73,6 +73,17 @@ def comfyui_paths() -> tuple[Path, Path]:
     return comfy, python
 
 
+def run_probe(name: str, timeout: float = 600) -> dict:
+    """Run the probe script ``name`` (next to this file, started by probe_boot.py) in ComfyUI's own
+    Python against this checkout; returns the JSON observations it prints last."""
+    comfy, python = comfyui_paths()
+    pack = Path(__file__).resolve().parents[2]
+    run = subprocess.run([str(python), str(Path(__file__).with_name(name)), str(comfy), str(pack)],
+                         capture_output=True, text=True, timeout=timeout, cwd=str(comfy))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------- tiny checkpoints
 
 def write_tiny_models(models: Path) -> dict[str, str]:

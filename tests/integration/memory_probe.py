@@ -5,29 +5,18 @@ The simulated GPU is the ``meta`` device: ComfyUI treats it as a compute device 
 (not the CPU), a core model really moves there, and ours are recorded as moved by replacing the
 one function our patcher moves weights with. Free memory is computed from what sits there.
 
-argv: <ComfyUI checkout> <this pack's checkout>. Prints one JSON line of observations.
+argv: <ComfyUI checkout> <this pack's checkout> (see probe_boot.py). Prints one JSON line of observations.
 """
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
-import sys
 
-comfy_dir, pack_dir = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, comfy_dir)
-
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+import probe_boot  # noqa: F401  (ComfyUI on the path, its settings, the pack importable)
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import torch  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("qwenimage_pack", f"{pack_dir}/__init__.py",
-                                              submodule_search_locations=[pack_dir])
-sys.modules["qwenimage_pack"] = importlib.util.module_from_spec(spec)
 from qwenimage_pack.model_defs.offload import module_bytes  # noqa: E402
 from qwenimage_pack.nodes import patcher, placement, runtime  # noqa: E402
 

@@ -1,29 +1,18 @@
 """Run by test_comfyui_run_options.py in ComfyUI's own Python: a handle's speed options reach
 only its own MODEL's calls when core samplers run it (tiny random MMDiT, fp32, CPU).
 
-argv: <ComfyUI checkout> <this pack's checkout>. Prints one JSON line of observations: the
+argv: <ComfyUI checkout> <this pack's checkout> (see probe_boot.py). Prints one JSON line of observations: the
 attention backends each MODEL's calls asked for (on a CPU every backend computes as SDPA).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
-comfy_dir, pack_dir = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, comfy_dir)
-
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+import probe_boot  # noqa: F401  (ComfyUI on the path, its settings, the pack importable)
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import torch  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("qwenimage_pack", f"{pack_dir}/__init__.py",
-                                              submodule_search_locations=[pack_dir])
-sys.modules["qwenimage_pack"] = importlib.util.module_from_spec(spec)
 from qwenimage_pack.model_defs import attention, mmdit  # noqa: E402
 from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
 from qwenimage_pack.nodes import comfy_model, options, placement  # noqa: E402

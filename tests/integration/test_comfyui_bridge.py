@@ -9,21 +9,11 @@ in our sampler are refused by name; a core MODEL_PATCH DiffSynth patch becomes o
 """
 from __future__ import annotations
 
-import json
-import subprocess
-from pathlib import Path
-
-from comfyui_harness import comfyui_paths
-from conftest import ROOT
+from comfyui_harness import run_probe
 
 
 def test_core_samplers_run_our_model_exactly():
-    comfy, python = comfyui_paths()
-    probe = Path(__file__).with_name("bridge_probe.py")
-    run = subprocess.run([str(python), str(probe), str(comfy), str(ROOT)], capture_output=True, text=True,
-                         timeout=600, cwd=str(comfy))
-    assert run.returncode == 0, run.stderr[-3000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    seen = run_probe("bridge_probe.py")
     assert seen == {
         "is_model_patcher": True,
         "model_class": "QwenImage",

@@ -5,21 +5,11 @@ not fit streams its blocks; one the graph dropped is forgotten. Runs in ComfyUI'
 skipped without COMFYUI_DIR."""
 from __future__ import annotations
 
-import json
-import subprocess
-from pathlib import Path
-
-from comfyui_harness import comfyui_paths
-from conftest import ROOT
+from comfyui_harness import run_probe
 
 
 def test_comfyui_model_management_evicts_our_idle_models():
-    comfy, python = comfyui_paths()
-    probe = Path(__file__).with_name("memory_probe.py")
-    run = subprocess.run([str(python), str(probe), str(comfy), str(ROOT)], capture_output=True, text=True,
-                         timeout=300, cwd=str(comfy))
-    assert run.returncode == 0, run.stderr[-3000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    seen = run_probe("memory_probe.py")
     assert seen == {
         "in_comfyui": True,
         "genuine_patchers": True,
