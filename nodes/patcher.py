@@ -79,9 +79,14 @@ def _streamable(module: nn.Module, stream_blocks: str | None):
     return blocks if isinstance(blocks, nn.ModuleList) and len(blocks) else None
 
 
-def _blocks_kept(module: nn.Module, blocks: nn.ModuleList, budget: float) -> int:
-    """How many leading blocks stay on the device within ``budget`` bytes while the rest stream."""
-    rest = module_bytes(module) - sum(block_bytes(b) for b in blocks)
+def _outside_blocks(module: nn.Module, blocks: nn.ModuleList) -> int:
+    """Bytes of ``module`` that are not in ``blocks``: always on the device while it streams."""
+    return module_bytes(module) - sum(block_bytes(b) for b in blocks)
+
+
+def _blocks_kept(rest: int, blocks: nn.ModuleList, budget: float) -> int:
+    """How many leading blocks stay on the device within ``budget`` bytes, next to the ``rest``
+    of the model, while the others stream."""
     room = budget - rest if math.isfinite(budget) else 0
     return blocks_that_fit(blocks, int(max(0, room)), prefetch=STREAM_PREFETCH)
 
@@ -135,8 +140,8 @@ if runtime.ModelPatcher is not None:
                     _move(child, device)
             for p in module.parameters(recurse=False):
                 p.data = p.data.to(device)
-            rest = module_bytes(module) - sum(block_bytes(b) for b in blocks)
-            keep = _blocks_kept(module, blocks, budget)
+            rest = _outside_blocks(module, blocks)
+            keep = _blocks_kept(rest, blocks, budget)
             streamer = BlockStreamer(blocks, device, self.offload_device, prefetch=STREAM_PREFETCH, keep=keep)
             streamer.__enter__()
             self.model.qwen_streamer = streamer
@@ -201,7 +206,7 @@ if runtime.ModelPatcher is not None:
             module = self._module()
             if module_bytes(module) <= budget:
                 return False
-            return _blocks_kept(module, streamer.blocks, budget) == streamer.keep
+            return _blocks_kept(_outside_blocks(module, streamer.blocks), streamer.blocks, budget) == streamer.keep
 
         def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
             """Free at least ``memory_to_free``: stream more blocks when that is enough, else unload."""

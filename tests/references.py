@@ -41,6 +41,32 @@ TINY_MMDIT = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, a
 TINY_INNER_DIM = TINY_MMDIT["num_attention_heads"] * TINY_MMDIT["attention_head_dim"]  # 64
 
 
+def tiny_mmdit_bf16_state(seed: int = 0) -> dict:
+    """Our tiny MMDiT's state dict with N(0, 0.05) weights, in bf16: a file's contents."""
+    from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
+
+    torch.manual_seed(seed)
+    model = QwenImageMMDiT(MMDiTConfig(**TINY_MMDIT))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if v is not None}
+
+
+def fp8_block_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """Store ``module``'s transformer-block Linear weights as float8 e4m3 with a per-tensor scale
+    (amax / 448), as a scaled-fp8 checkpoint holds them; returns the module."""
+    from qwenimage_pack.model_defs.weights.linear import Linear
+
+    for name, m in module.named_modules():
+        if isinstance(m, Linear) and name.startswith("transformer_blocks."):
+            w = m.weight.detach()
+            scale = w.abs().amax() / 448
+            m.weight = torch.nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)
+            m.set_scale(scale)
+    return module
+
+
 def diffsynth_patch_state(g: torch.Generator, layers: int, extra: int = 0) -> dict:
     """A DiffSynth blockwise patch for the tiny MMDiT: img_in (``extra`` more input channels for
     the inpainting patch) plus per-block x_rms / y_rms / input_proj / output_proj."""

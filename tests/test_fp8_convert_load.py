@@ -22,19 +22,9 @@ from safetensors.torch import save_file
 import references as refs
 from conftest import ROOT
 from qwenimage_pack.model_defs import host_memory
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
 from qwenimage_pack.model_defs.weights.load import load_mmdit
 
 FP8 = torch.float8_e4m3fn
-
-
-def _bf16_state(seed=0):
-    torch.manual_seed(seed)
-    model = QwenImageMMDiT(MMDiTConfig(**refs.TINY_MMDIT))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    return {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if v is not None}
 
 
 def _mapped_ranges(path) -> list[tuple[int, int]]:
@@ -66,7 +56,7 @@ def _is_block_weight(name: str) -> bool:
 
 def test_fp8_conversion_leaves_the_file_unmapped(tmp_path):
     path = tmp_path / "bf16.safetensors"
-    state = _bf16_state()
+    state = refs.tiny_mmdit_bf16_state()
     save_file(state, str(path))
     model = load_mmdit(path, weight_dtype="fp8_e4m3fn")
     gc.collect()
@@ -89,13 +79,13 @@ def test_fp8_conversion_leaves_the_file_unmapped(tmp_path):
 
 def test_unconverted_loads_keep_their_file_views(tmp_path):
     path = tmp_path / "bf16.safetensors"
-    save_file(_bf16_state(), str(path))
+    save_file(refs.tiny_mmdit_bf16_state(), str(path))
     model = load_mmdit(path)  # nothing converted: every weight is the file's own memory
     assert len(_in_mapping(model, path)) == len(_tensors(model))
 
     # An fp8 file loaded as fp8: its weights are used as stored, so they stay file views too.
     fp8_path = tmp_path / "fp8.safetensors"
-    state = {k: (v.to(FP8) if _is_block_weight(k) else v) for k, v in _bf16_state().items()}
+    state = {k: (v.to(FP8) if _is_block_weight(k) else v) for k, v in refs.tiny_mmdit_bf16_state().items()}
     save_file(state, str(fp8_path))
     fp8 = load_mmdit(fp8_path, weight_dtype="fp8_e4m3fn")
     block = fp8.transformer_blocks[0].attn.to_q

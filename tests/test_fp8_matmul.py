@@ -11,6 +11,8 @@ import logging
 import pytest
 import torch
 
+import references as refs
+
 from qwenimage_pack.model_defs import fp8_matmul
 from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
 from qwenimage_pack.model_defs.run_options import RunOptions
@@ -226,13 +228,7 @@ def test_tiny_mmdit_fp8_matmul_close_to_dequantized():
     torch.manual_seed(0)
     cfg = MMDiTConfig(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
                       axes_dims_rope=(4, 14, 14))
-    model = QwenImageMMDiT(cfg).eval()
-    for name, m in model.named_modules():
-        if isinstance(m, Linear) and name.startswith("transformer_blocks."):
-            w = m.weight.detach()
-            scale = w.abs().amax() / 448
-            m.weight = torch.nn.Parameter((w / scale).to(E4M3), requires_grad=False)
-            m.set_scale(scale)
+    model = refs.fp8_block_weights(QwenImageMMDiT(cfg).eval())
     model.compute_dtype = torch.bfloat16
     x = torch.randn(1, 16, 8, 8)
     ctx = torch.randn(1, 5, 48)

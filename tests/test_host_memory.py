@@ -10,18 +10,8 @@ from safetensors.torch import save_file
 import references as refs
 from gguf_writer_util import write_gguf, encode
 from qwenimage_pack.model_defs import host_memory
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
 from qwenimage_pack.model_defs.weights.load import load_mmdit
 from gguf import GGMLQuantizationType as T
-
-
-def _tiny_state(seed=0):
-    torch.manual_seed(seed)
-    model = QwenImageMMDiT(MMDiTConfig(**refs.TINY_MMDIT))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    return {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if v is not None}
 
 
 def _forward(model):
@@ -49,7 +39,7 @@ def _round_trip(model):
 
 def test_safetensors_weights_return_to_the_file_mapping(tmp_path):
     path = tmp_path / "tiny.safetensors"
-    save_file({"model.diffusion_model." + k: v for k, v in _tiny_state().items()}, path)
+    save_file({"model.diffusion_model." + k: v for k, v in refs.tiny_mmdit_bf16_state().items()}, path)
     model = load_mmdit(path)
     views = _views(model)
     assert len(views) == len(dict(model.named_parameters())) and all(v is not None for v in views.values())
@@ -61,7 +51,7 @@ def test_safetensors_weights_return_to_the_file_mapping(tmp_path):
 
 def test_converted_weights_are_copied_as_before(tmp_path):
     path = tmp_path / "tiny.safetensors"
-    save_file({"model.diffusion_model." + k: v for k, v in _tiny_state().items()}, path)
+    save_file({"model.diffusion_model." + k: v for k, v in refs.tiny_mmdit_bf16_state().items()}, path)
     model = load_mmdit(path, weight_dtype="fp32")  # converted: not the file's memory
     assert all(v is None for v in _views(model).values())
 
@@ -69,7 +59,7 @@ def test_converted_weights_are_copied_as_before(tmp_path):
 def test_gguf_blocks_return_to_the_file_mapping(tmp_path):
     rng = np.random.default_rng(0)
     tensors = {}
-    for name, t in _tiny_state().items():
+    for name, t in refs.tiny_mmdit_bf16_state().items():
         qtype = T.Q8_0 if t.dim() == 2 and "transformer_blocks" in name and t.shape[1] % 32 == 0 else T.F32
         data, raw_dtype, _ = encode(t.float().numpy(), qtype, rng)
         tensors[name] = (data, raw_dtype)

@@ -29,12 +29,7 @@ def _tiny(seed: int, fp8: bool = False) -> QwenImageMMDiT:
     torch.manual_seed(seed)
     module = QwenImageMMDiT(MMDiTConfig(**refs.TINY_MMDIT)).eval()
     if fp8:  # float8 block weights, so the fp8 matmul option has layers to act on
-        for name, m in module.named_modules():
-            if isinstance(m, Linear) and name.startswith("transformer_blocks."):
-                w = m.weight.detach()
-                scale = w.abs().amax() / 448
-                m.weight = torch.nn.Parameter((w / scale).to(E4M3), requires_grad=False)
-                m.set_scale(scale)
+        refs.fp8_block_weights(module)
     return module
 
 

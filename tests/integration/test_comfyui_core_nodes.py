@@ -10,17 +10,11 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 
-from comfyui_harness import shared_server
 from conftest import ROOT
+from test_comfyui import server  # noqa: F401  (the shared fixture)
 
 KSAMPLER_WORKFLOW = ROOT / "workflows" / "api" / "qwen_image_ksampler.json"
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
 
 
 def _core_chain(files: dict) -> dict:

@@ -14,26 +14,10 @@ import time
 
 import pytest
 
-from comfyui_harness import shared_server
 from conftest import ROOT
-from test_comfyui import CLI, make_picture, plan
+from test_comfyui import CLI, object_info, picture, plan, server  # noqa: F401  (the fixtures are shared)
 
 UNION_CANNY = ROOT / "workflows" / "api" / "qwen_image_controlnet_union_canny.json"
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
-
-
-@pytest.fixture(scope="module")
-def object_info(server):
-    return server.get_json("/object_info", timeout=60)
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory):
-    return make_picture(tmp_path_factory.mktemp("input"))
 
 
 def _tool(server, workflow, args, out, timeout=300):
