@@ -8,7 +8,7 @@ same size, steps and cfg) and put both in bench/RESULTS.md. Peer numbers quoted 
 (not measured here): SGLang 13.6 s (bf16) / 12.2 s (FP8) for 1024^2, 50 steps, cfg 4 on an H100;
 ComfyUI docs ~71 s per fp8 image on a 24 GB RTX 4090D.
 
-The pipeline is the pack's own model code (model_defs) driven the way the sampler node drives
+The pipeline is the pack's own model code (core) driven the way the sampler node drives
 it: diffusers' dynamic shift schedule, cond + uncond in one batched forward (padded text with a
 mask), true CFG with norm rescale, Euler in float32, then the VAE. Prompt tokens are random ids
 of a realistic length (no tokenizer needed). ``--offload`` moves the text encoder and the VAE
@@ -51,7 +51,7 @@ def parse_args(argv=None):
 
 
 def build_text_encoder(device, smoke: bool):
-    te = common.pack("model_defs.text_encoder")
+    te = common.pack("core.models.text_encoder")
     cfg = (te.TextEncoderConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                 head_dim=16, intermediate_size=128, mrope_section=(2, 3, 3))
            if smoke else te.TextEncoderConfig())
@@ -61,7 +61,7 @@ def build_text_encoder(device, smoke: bool):
 
 
 def build_vae(device, smoke: bool):
-    vae = common.pack("model_defs.vae")
+    vae = common.pack("core.models.vae")
     with torch.device("meta"):
         model = vae.WanVAE(vae.VAEConfig(base_dim=8) if smoke else vae.VAEConfig())
     return common.materialize(model, device, torch.bfloat16)
@@ -70,11 +70,11 @@ def build_vae(device, smoke: bool):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
-    sched = common.pack("model_defs.schedule")
-    fm = common.pack("model_defs.sampling")
-    latent_format = common.pack("model_defs.latent_format")
-    fp8_matmul = common.pack("model_defs.fp8_matmul")
-    run_options = common.pack("model_defs.run_options")
+    sched = common.pack("core.pipeline.schedule")
+    fm = common.pack("core.pipeline.sampling")
+    latent_format = common.pack("core.pipeline.latent_format")
+    fp8_matmul = common.pack("core.layers.fp8_matmul")
+    run_options = common.pack("core.layers.run_options")
     print(common.environment(device))
 
     text_encoder, te_cfg = build_text_encoder(device, args.smoke)
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
             options = run_options.RunOptions(fp8_matmul="auto", fp8_on_cpu=args.smoke)
     elif args.weights != "bf16":
         common.to_gguf(model, args.weights)
-        common.pack("model_defs.weights.dequant_cuda").enable()
+        common.pack("core.layers.gguf_kernels").enable()
         common.prepare_fused(model)
     if args.offload:
         text_encoder.to("cpu")

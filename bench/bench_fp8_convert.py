@@ -72,7 +72,7 @@ def argparse_hidden():
 # -- the synthetic file ------------------------------------------------------------------------
 
 def mmdit_config(dim: int, size_bytes: int):
-    mmdit = common.pack("model_defs.mmdit")
+    mmdit = common.pack("core.models.mmdit")
     one = mmdit.MMDiTConfig(num_layers=1, num_attention_heads=dim // 128, joint_attention_dim=dim)
     with torch.device("meta"):
         block = mmdit.QwenImageMMDiT(one).transformer_blocks[0]
@@ -85,7 +85,7 @@ def write_synthetic(path: Path, cfg) -> int:
     """A bf16 safetensors file with the MMDiT's keys, written tensor by tensor (no second copy
     of the model in memory). Values: one random buffer reused (load speed does not depend on
     them); norms at 1."""
-    mmdit = common.pack("model_defs.mmdit")
+    mmdit = common.pack("core.models.mmdit")
     with torch.device("meta"):
         names = {k: tuple(v.shape) for k, v in mmdit.QwenImageMMDiT(cfg).state_dict().items()}
     header, offset = {}, 0
@@ -160,8 +160,8 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.file)
-    load = common.pack("model_defs.weights.load")
-    common.pack("model_defs.mmdit")  # imports outside the timing
+    load = common.pack("core.loading.load")
+    common.pack("core.models.mmdit")  # imports outside the timing
     import safetensors.torch  # noqa: F401
     t0 = time.perf_counter()
     if args.child == "ours":

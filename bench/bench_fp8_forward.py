@@ -40,8 +40,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
-    fp8_matmul = common.pack("model_defs.fp8_matmul")
-    RunOptions = common.pack("model_defs.run_options").RunOptions
+    fp8_matmul = common.pack("core.layers.fp8_matmul")
+    RunOptions = common.pack("core.layers.run_options").RunOptions
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)
     model = common.build_mmdit(cfg, device)

@@ -44,7 +44,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
-    dequant_cuda = common.pack("model_defs.weights.dequant_cuda")
+    dequant_cuda = common.pack("core.layers.gguf_kernels")
     fused = False if args.no_fused else dequant_cuda.enable()
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)

@@ -63,7 +63,7 @@ def random_lora(model, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
-    lora = common.pack("model_defs.weights.lora")
+    lora = common.pack("core.layers.lora_patch")
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)
     model = common.build_mmdit(cfg, device)
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
         common.to_fp8(model)
     elif args.weights != "bf16":
         common.to_gguf(model, args.weights)
-        common.pack("model_defs.weights.dequant_cuda").enable()
+        common.pack("core.layers.gguf_kernels").enable()
         common.prepare_fused(model)
     common.free(device)
     inputs = common.mmdit_inputs(cfg, args.size, args.batch, args.text_tokens, device)
@@ -131,9 +131,9 @@ def main(argv=None) -> dict:
 
 def fold_rows(args, model, run, weights, base_out, base_s, device, record) -> list[list[str]]:
     """Fold the LoRA into the bf16 weights as the sampler does for a model read from a file."""
-    host_memory = common.pack("model_defs.host_memory")
-    lora = common.pack("model_defs.weights.lora")
-    lora_bake = common.pack("model_defs.weights.lora_bake")
+    host_memory = common.pack("core.layers.host_memory")
+    lora = common.pack("core.layers.lora_patch")
+    lora_bake = common.pack("core.layers.fold")
     for _name, lin in common.block_linears(model):  # the stand-in for the file mapping
         host_memory.keep_file_view(lin, "weight", lin.weight.detach().to("cpu", copy=True))
     lora.apply_loras(model, [(weights, 1.0)])

@@ -60,10 +60,10 @@ def build(cfg, fmt: str, device):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
-    streaming = common.pack("model_defs.streaming")
-    offload = common.pack("model_defs.offload")
-    fp8_matmul = common.pack("model_defs.fp8_matmul")
-    RunOptions = common.pack("model_defs.run_options").RunOptions
+    streaming = common.pack("core.pipeline.streaming")
+    offload = common.pack("core.layers.offload")
+    fp8_matmul = common.pack("core.layers.fp8_matmul")
+    RunOptions = common.pack("core.layers.run_options").RunOptions
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)
     inputs_cpu = common.mmdit_inputs(cfg, args.size, args.batch, args.text_tokens, "cpu")

@@ -44,13 +44,13 @@ COMPILED = "ours+compile"  # ours, its blocks run through torch.compile
 
 
 def import_pack():
-    """Import ``qwenimage_pack.model_defs`` without running the pack's ComfyUI-facing __init__."""
+    """Import ``qwenimage_pack.core`` without running the pack's ComfyUI-facing __init__."""
     if "qwenimage_pack" not in sys.modules:
         pkg = types.ModuleType("qwenimage_pack")
         pkg.__path__ = [str(ROOT)]
         sys.modules["qwenimage_pack"] = pkg
-    mmdit = importlib.import_module("qwenimage_pack.model_defs.mmdit")
-    attention = importlib.import_module("qwenimage_pack.model_defs.attention")
+    mmdit = importlib.import_module("qwenimage_pack.core.models.mmdit")
+    attention = importlib.import_module("qwenimage_pack.core.layers.attention")
     return mmdit, attention
 
 
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="sdpa", help="our attention backend: sdpa, cudnn, flash or sage")
     p.add_argument("--comfy-path", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout to import comfy from")
     p.add_argument("--compile", action="store_true",
-                   help="also time ours with torch.compile'd blocks (model_defs/compile.py; first call compiles)")
+                   help="also time ours with torch.compile'd blocks (core/pipeline/compile.py; first call compiles)")
     p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
                    help="inductor mode of --compile")
     common.add_output_args(p)
@@ -206,7 +206,7 @@ def compile_context(name, model, args, notes):
     if name != COMPILED:
         yield
         return
-    block_compile = importlib.import_module("qwenimage_pack.model_defs.compile")
+    block_compile = importlib.import_module("qwenimage_pack.core.pipeline.compile")
     settings = block_compile.CompileSettings("inductor", args.compile_mode)
     with block_compile.compiled(model, settings):
         yield
@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     mmdit, attention = import_pack()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    run_options = importlib.import_module("qwenimage_pack.model_defs.run_options")
+    run_options = importlib.import_module("qwenimage_pack.core.layers.run_options")
     ours = run_options.RunOptions(attention=attention.resolve(args.attention))
     if args.attention != "sdpa":
         print(f"our attention backend: {ours.attention}")

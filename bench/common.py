@@ -79,7 +79,7 @@ def finish_args(args, warmup: int = 2, iters: int = 5, text_tokens: int = 128):
 
 def mmdit_config(smoke: bool, layers: int | None = None):
     """The full 20 B configuration, or a tiny one whose widths still suit 256-value K-quant blocks."""
-    mmdit = pack("model_defs.mmdit")
+    mmdit = pack("core.models.mmdit")
     if smoke:
         return mmdit.MMDiTConfig(num_layers=layers or 2, attention_head_dim=128, num_attention_heads=2,
                                  joint_attention_dim=64, axes_dims_rope=(16, 56, 56))
@@ -116,7 +116,7 @@ def materialize(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
 
 
 def build_mmdit(cfg, device, dtype=torch.bfloat16):
-    mmdit = pack("model_defs.mmdit")
+    mmdit = pack("core.models.mmdit")
     with torch.device("meta"):
         model = mmdit.QwenImageMMDiT(cfg)
     model = materialize(model, device, dtype)
@@ -125,7 +125,7 @@ def build_mmdit(cfg, device, dtype=torch.bfloat16):
 
 
 def block_linears(model) -> list[tuple[str, torch.nn.Module]]:
-    Linear = pack("model_defs.weights.linear").Linear
+    Linear = pack("core.layers.linear").Linear
     return [(f"transformer_blocks.{n}", m) for n, m in model.transformer_blocks.named_modules() if isinstance(m, Linear)]
 
 
@@ -415,7 +415,7 @@ def profile_miss(args, name: str, fn, device, title: str) -> str | None:
 def prepare_fused(model) -> None:
     """Register the model's GGUF weight shapes for the compiled dequantization kernels, where
     dequant_cuda decides from the model what to compile (``prepare``); no-op otherwise."""
-    prepare = getattr(pack("model_defs.weights.dequant_cuda"), "prepare", None)
+    prepare = getattr(pack("core.layers.gguf_kernels"), "prepare", None)
     if prepare is not None:
         prepare(model)
 

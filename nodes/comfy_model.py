@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from ..model_defs.weights import dequant_cuda, lora
+from ..core.layers import gguf_kernels as dequant_cuda, lora_patch as lora
 from . import placement, runtime
 from .handles import MODEL_TYPE
 from .options import run_options, speed_settings

@@ -1,7 +1,7 @@
 """Torch Compile node: marks a model handle so the sampler runs its blocks through torch.compile."""
 from __future__ import annotations
 
-from ..model_defs import compile as block_compile
+from ..core.pipeline import compile as block_compile
 from .handles import MODEL_TYPE
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model_defs import latent_format as lf
-from ..model_defs.controlnet import DIFFSYNTH, INSTANTX, AppliedControl, DiffSynthControlNet
-from ..model_defs.weights.keys_controlnet import diffsynth_config, flavour, load_controlnet
+from ..core.pipeline import latent_format as lf
+from ..core.models.controlnet import DIFFSYNTH, INSTANTX, AppliedControl, DiffSynthControlNet
+from ..core.loading.controlnet import diffsynth_config, flavour, load_controlnet
 from . import placement, runtime
 from .handles import VAE_TYPE
 from .latents import vae_dtype

@@ -5,9 +5,9 @@ import weakref
 
 import torch
 
-from ..model_defs import edit as E
-from ..model_defs import latent_format as lf
-from ..model_defs.vision import QwenVisionTower, build_vision_tower
+from ..core.pipeline import edit as E
+from ..core.pipeline import latent_format as lf
+from ..core.models.vision import QwenVisionTower, build_vision_tower
 from . import placement, runtime
 from .conditioning import make_conditioning
 from .handles import MODEL_TYPE, TEXT_ENCODER_TYPE, VAE_TYPE

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model_defs import latent_format as lf
+from ..core.pipeline import latent_format as lf
 from . import placement, runtime
 from .handles import VAE_TYPE
 

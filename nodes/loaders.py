@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..model_defs.weights import load as weight_load
+from ..core.loading import load as weight_load
 from . import comfy_model, placement, runtime
 from .handles import MODEL_TYPE, TEXT_ENCODER_TYPE, VAE_TYPE, VARIANTS, VAE, DiffusionModel, TextEncoder, variant_from_name
 
@@ -121,7 +121,7 @@ class QwenImageTextEncoderLoader:
         }
 
     def load(self, text_encoder_name, weight_dtype="default", mmproj_name=_NONE, unique_id=None):
-        from ..model_defs import tokenizer as tok
+        from ..core.models import tokenizer as tok
 
         path = runtime.resolve_choice(text_encoder_name, "text_encoders")
         mmproj = None
@@ -148,7 +148,7 @@ class QwenImageTextEncoderLoader:
 def _tokenizer_for(path: Path, tok):
     if path.suffix.lower() == ".gguf":
         try:
-            from ..model_defs.weights.gguf_tokenizer import tokenizer_from_gguf
+            from ..core.loading.gguf_tokenizer import tokenizer_from_gguf
 
             return tokenizer_from_gguf(path)
         except Exception as err:  # fall back to the usual places, but keep the reason

@@ -4,7 +4,7 @@ from __future__ import annotations
 import weakref
 from pathlib import Path
 
-from ..model_defs.weights import lora
+from ..core.layers import lora_patch as lora
 from . import runtime
 from .handles import MODEL_TYPE
 

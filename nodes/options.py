@@ -12,9 +12,9 @@ from typing import Iterator
 
 import torch
 
-from ..model_defs import attention, fp8_matmul
-from ..model_defs import compile as block_compile
-from ..model_defs.run_options import DEFAULT, RunOptions
+from ..core.layers import attention, fp8_matmul
+from ..core.pipeline import compile as block_compile
+from ..core.layers.run_options import DEFAULT, RunOptions
 from . import runtime
 from .handles import MODEL_TYPE
 

@@ -28,10 +28,10 @@ import math
 import torch
 import torch.nn as nn
 
-from ..model_defs import host_memory
-from ..model_defs.offload import module_bytes
-from ..model_defs.streaming import BlockStreamer, block_bytes, blocks_that_fit
-from ..model_defs.weights import lora
+from ..core.layers import host_memory
+from ..core.layers.offload import module_bytes
+from ..core.pipeline.streaming import BlockStreamer, block_bytes, blocks_that_fit
+from ..core.layers import lora_patch as lora
 from . import runtime
 
 STREAM_PREFETCH = 1  # blocks uploaded ahead while one computes

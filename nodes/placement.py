@@ -20,10 +20,10 @@ from collections import OrderedDict
 
 import torch
 
-from ..model_defs import host_memory
-from ..model_defs.offload import module_bytes
-from ..model_defs.streaming import BlockStreamer, blocks_that_fit
-from ..model_defs.weights import dequant_cuda
+from ..core.layers import host_memory
+from ..core.layers.offload import module_bytes
+from ..core.pipeline.streaming import BlockStreamer, blocks_that_fit
+from ..core.layers import gguf_kernels as dequant_cuda
 from . import patcher as patchers
 from . import runtime
 

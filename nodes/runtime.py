@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from ..model_defs.weights.errors import PackError
+from ..core.errors import PackError
 
 log = logging.getLogger("qwenimage")
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model_defs import latent_format as lf
-from ..model_defs import sampling as fm
-from ..model_defs import schedule
-from ..model_defs.controlnet import step_hook
-from ..model_defs.weights import dequant_cuda, lora_bake
+from ..core.pipeline import latent_format as lf
+from ..core.pipeline import sampling as fm
+from ..core.pipeline import schedule
+from ..core.models.controlnet import step_hook
+from ..core.layers import gguf_kernels as dequant_cuda, fold as lora_bake
 from . import controlnet as control_nodes
 from . import placement, runtime
 from .handles import MODEL_TYPE
@@ -264,7 +264,7 @@ def _sync_loras(model) -> None:
     """Attach exactly this handle's LoRAs to the shared module (other handles may have left theirs)."""
     if not model.loras and not _has_patches(model.module):
         return
-    from ..model_defs.weights import lora
+    from ..core.layers import lora_patch as lora
 
     lora.apply_loras(model.module, [(weights, strength) for _, weights, strength in model.loras])
 

@@ -1,7 +1,7 @@
 """Import the pack the way ComfyUI does: as a package, whatever its folder is called.
 
 The pack uses relative imports only (ComfyUI owns the top-level name ``nodes``), so tests
-reach it as ``qwenimage_pack.model_defs...`` / ``qwenimage_pack.nodes...``.
+reach it as ``qwenimage_pack.core...`` / ``qwenimage_pack.nodes...``.
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ TINY_INNER_DIM = TINY_MMDIT["num_attention_heads"] * TINY_MMDIT["attention_head_
 
 def tiny_mmdit_bf16_state(seed: int = 0) -> dict:
     """Our tiny MMDiT's state dict with N(0, 0.05) weights, in bf16: a file's contents."""
-    from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
+    from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
 
     torch.manual_seed(seed)
     model = QwenImageMMDiT(MMDiTConfig(**TINY_MMDIT))
@@ -56,7 +56,7 @@ def tiny_mmdit_bf16_state(seed: int = 0) -> dict:
 def fp8_block_weights(module: torch.nn.Module) -> torch.nn.Module:
     """Store ``module``'s transformer-block Linear weights as float8 e4m3 with a per-tensor scale
     (amax / 448), as a scaled-fp8 checkpoint holds them; returns the module."""
-    from qwenimage_pack.model_defs.weights.linear import Linear
+    from qwenimage_pack.core.layers.linear import Linear
 
     for name, m in module.named_modules():
         if isinstance(m, Linear) and name.startswith("transformer_blocks."):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from qwenimage_pack.model_defs import attention
-from qwenimage_pack.model_defs.weights import dequant, dequant_cuda
-from qwenimage_pack.model_defs.weights.linear import Linear
+from qwenimage_pack.core.layers import attention
+from qwenimage_pack.core.layers import gguf_dequant as dequant, gguf_kernels as dequant_cuda
+from qwenimage_pack.core.layers.linear import Linear
 
 BENCH = ROOT / "bench"
 SCRIPTS = {

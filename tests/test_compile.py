@@ -1,4 +1,4 @@
-"""Opt-in torch.compile of the MMDiT blocks (model_defs/compile.py, nodes/compile.py) on the CPU.
+"""Opt-in torch.compile of the MMDiT blocks (core/pipeline/compile.py, nodes/compile.py) on the CPU.
 
 Numbers: inductor's output is checked against diffusers' QwenImageTransformer2DModel and our
 eager model. Recompiles: dynamo's own count of the graphs it compiled while sizes, prompt
@@ -15,11 +15,12 @@ import torch
 from torch._dynamo.utils import counters
 
 import references as refs
-from qwenimage_pack.model_defs import compile as block_compile
-from qwenimage_pack.model_defs import rope, streaming
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT, TransformerBlock
-from qwenimage_pack.model_defs.weights.linear import Linear
-from qwenimage_pack.model_defs.weights.lora import apply_loras, parse_lora
+from qwenimage_pack.core.pipeline import compile as block_compile
+from qwenimage_pack.core.layers import rope
+from qwenimage_pack.core.pipeline import streaming
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT, TransformerBlock
+from qwenimage_pack.core.layers.linear import Linear
+from qwenimage_pack.core.layers.lora_patch import apply_loras, parse_lora
 
 LAYERS = 3  # two blocks share the "text stream continues" graph, the last one has its own
 TOL = 1e-5

@@ -95,7 +95,7 @@ def _apply(nodes, cn, pos, neg, strength=1.0, start=0.0, end=1.0, image=None, ma
 
 
 def test_loader_recognises_every_kind(nodes):
-    from qwenimage_pack.model_defs.controlnet import DiffSynthControlNet, InstantXControlNet
+    from qwenimage_pack.core.models.controlnet import DiffSynthControlNet, InstantXControlNet
 
     assert {"union.safetensors", "canny_diffsynth.safetensors"} <= set(nodes["choices"])
     assert isinstance(nodes["union"].module, InstantXControlNet) and not nodes["union"].is_inpaint
@@ -106,7 +106,7 @@ def test_loader_recognises_every_kind(nodes):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
 def test_diffsynth_storage_dtypes(tmp_path, dtype):
-    from qwenimage_pack.model_defs.weights.keys_controlnet import load_controlnet
+    from qwenimage_pack.core.loading.controlnet import load_controlnet
 
     sd = {k: (v.to(dtype) if v.ndim == 2 or dtype != torch.float8_e4m3fn else v) for k, v in diffsynth_state(3, 1).items()}
     save_file({"diffusion_model." + k: v for k, v in sd.items()}, tmp_path / "p.safetensors")
@@ -119,8 +119,8 @@ def test_diffsynth_storage_dtypes(tmp_path, dtype):
 
 @pytest.mark.parametrize("extra", [0, 4])
 def test_diffsynth_one_block_matches_published_formula(files, extra):
-    from qwenimage_pack.model_defs.controlnet import AppliedControl, DiffSynthControlNet
-    from qwenimage_pack.model_defs.weights import load
+    from qwenimage_pack.core.models.controlnet import AppliedControl, DiffSynthControlNet
+    from qwenimage_pack.core.loading import load
 
     root, transformer = files
     module = load.load_mmdit(root / "diffusion_models" / "tiny.safetensors", compute_dtype=torch.float32)
@@ -228,7 +228,7 @@ def test_chained_controls_add_up(nodes):
 
 
 def test_control_touches_only_target_tokens_with_reference_latents(nodes):
-    from qwenimage_pack.model_defs.controlnet import AppliedControl
+    from qwenimage_pack.core.models.controlnet import AppliedControl
 
     module = nodes["model"].module
     g = torch.Generator().manual_seed(7)
@@ -256,9 +256,9 @@ def test_gguf_model_with_control(files, tmp_path):
     from gguf import GGMLQuantizationType as T
     from test_gguf_load import write_model
 
-    from qwenimage_pack.model_defs.controlnet import AppliedControl
-    from qwenimage_pack.model_defs.weights import load
-    from qwenimage_pack.model_defs.weights.keys_controlnet import load_controlnet
+    from qwenimage_pack.core.models.controlnet import AppliedControl
+    from qwenimage_pack.core.loading import load
+    from qwenimage_pack.core.loading.controlnet import load_controlnet
 
     root, transformer = files
     dense = write_model(tmp_path / "qwen-image-Q8_0.gguf", "qwen_image", transformer.state_dict(),
@@ -303,8 +303,8 @@ def test_control_image_of_another_size_is_fitted(nodes):
 
 
 def test_foreign_controlnets_are_named(tmp_path):
-    from qwenimage_pack.model_defs.weights.errors import WeightFileError
-    from qwenimage_pack.model_defs.weights.keys_controlnet import load_controlnet
+    from qwenimage_pack.core.errors import WeightFileError
+    from qwenimage_pack.core.loading.controlnet import load_controlnet
 
     t = torch.zeros(4, 4)
     flux = {"controlnet_blocks.0.weight": t, "controlnet_x_embedder.weight": t, "transformer_blocks.0.attn.to_q.weight": t,

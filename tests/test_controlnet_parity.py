@@ -45,15 +45,15 @@ def _save(model, path, prefix: str = "", dtype=None):
 
 
 def _pack(t):
-    from qwenimage_pack.model_defs.mmdit import pack_latent
+    from qwenimage_pack.core.models.mmdit import pack_latent
 
     return pack_latent(t, 2)[0]
 
 
 @pytest.mark.parametrize("extra", [0, 4])
 def test_block_samples_match_diffusers(tmp_path, extra):
-    from qwenimage_pack.model_defs.controlnet import InstantXControlNet
-    from qwenimage_pack.model_defs.weights.keys_controlnet import load_controlnet
+    from qwenimage_pack.core.models.controlnet import InstantXControlNet
+    from qwenimage_pack.core.loading.controlnet import load_controlnet
 
     ref = tiny_controlnet(5 + extra, extra=extra)
     ours = load_controlnet(_save(ref, tmp_path / "cn.safetensors", prefix="controlnet."), compute_dtype=torch.float32)
@@ -76,7 +76,7 @@ def test_block_samples_match_diffusers(tmp_path, extra):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.05), (torch.float16, 5e-3), (torch.float8_e4m3fn, 0.15)])
 def test_storage_dtypes_are_kept(tmp_path, dtype, tol):
-    from qwenimage_pack.model_defs.weights.keys_controlnet import load_controlnet
+    from qwenimage_pack.core.loading.controlnet import load_controlnet
 
     ref = tiny_controlnet(11)
     ours = load_controlnet(_save(ref, tmp_path / "cn.safetensors", prefix="model.diffusion_model.", dtype=dtype),

@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from qwenimage_pack.model_defs import attention, fp8_matmul, host_memory, streaming
-from qwenimage_pack.model_defs import compile as block_compile
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
-from qwenimage_pack.model_defs.run_options import RunOptions
-from qwenimage_pack.model_defs.vae import VAEConfig, WanVAE
-from qwenimage_pack.model_defs.weights import dequant, dequant_cuda, lora_bake
-from qwenimage_pack.model_defs.weights.linear import Linear
+from qwenimage_pack.core.layers import attention, fp8_matmul, host_memory
+from qwenimage_pack.core.pipeline import streaming
+from qwenimage_pack.core.pipeline import compile as block_compile
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
+from qwenimage_pack.core.layers.run_options import RunOptions
+from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
+from qwenimage_pack.core.layers import gguf_dequant as dequant, gguf_kernels as dequant_cuda, fold as lora_bake
+from qwenimage_pack.core.layers.linear import Linear
 
 STAND_IN = os.environ.get("QWENIMAGE_CUDA_TESTS_ON", "").strip().lower() == "cpu"
 DEV = torch.device("cpu" if STAND_IN else "cuda")
@@ -253,8 +254,8 @@ def test_lora_fold_then_restore_gives_the_file_weights_back(reference, tmp_path)
 
     from safetensors.torch import save_file
 
-    from qwenimage_pack.model_defs.weights.load import load_mmdit
-    from qwenimage_pack.model_defs.weights.lora import apply_loras, parse_lora
+    from qwenimage_pack.core.loading.load import load_mmdit
+    from qwenimage_pack.core.layers.lora_patch import apply_loras, parse_lora
 
     model, _ = reference
     path = tmp_path / "dit.safetensors"

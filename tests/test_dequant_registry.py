@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants
 
-from qwenimage_pack.model_defs.weights import dequant, dequant_cuda
-from qwenimage_pack.model_defs.weights.linear import Embedding, Linear
+from qwenimage_pack.core.layers import gguf_dequant as dequant, gguf_kernels as dequant_cuda
+from qwenimage_pack.core.layers.linear import Embedding, Linear
 
 
 def q8_blocks(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from qwenimage_pack.model_defs import edit as E
+from qwenimage_pack.core.pipeline import edit as E
 
 # official aspect ratios, odd sizes, extreme-ish ratios, tiny and huge
 SIZES = [(1328, 1328), (1664, 928), (928, 1664), (1472, 1104), (1104, 1472), (1584, 1056), (1056, 1584),

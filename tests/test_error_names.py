@@ -2,7 +2,7 @@
 
 ComfyUI imports the pack under its folder path, and execution.full_type_name (both 0.3.6x and
 0.30) joins ``__module__`` and ``__qualname__``; a plain class would show
-``/…/custom_nodes/ComfyUI-QwenImage.model_defs.weights.errors.WeightFileError``.
+``/…/custom_nodes/ComfyUI-QwenImage.core.errors.WeightFileError``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def full_type_name(klass):  # ComfyUI's execution.full_type_name, verbatim
 
 def _pack_modules():
     names = []
-    for folder in ("model_defs", "nodes"):
+    for folder in ("core", "nodes"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]
@@ -47,8 +47,8 @@ def test_every_public_exception_of_the_pack_has_a_short_name():
 
 
 def _errors():
-    from qwenimage_pack.model_defs.tokenizer import TokenizerNotFoundError
-    from qwenimage_pack.model_defs.weights.errors import WeightFileError
+    from qwenimage_pack.core.models.tokenizer import TokenizerNotFoundError
+    from qwenimage_pack.core.errors import WeightFileError
     from qwenimage_pack.nodes.runtime import ModelFileNotFound
 
     return [

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 
 import references as refs
 from conftest import ROOT
-from qwenimage_pack.model_defs import host_memory
-from qwenimage_pack.model_defs.weights.load import load_mmdit
+from qwenimage_pack.core.layers import host_memory
+from qwenimage_pack.core.loading.load import load_mmdit
 
 FP8 = torch.float8_e4m3fn
 

@@ -13,10 +13,10 @@ import torch
 
 import references as refs
 
-from qwenimage_pack.model_defs import fp8_matmul
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
-from qwenimage_pack.model_defs.run_options import RunOptions
-from qwenimage_pack.model_defs.weights.linear import Linear
+from qwenimage_pack.core.layers import fp8_matmul
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
+from qwenimage_pack.core.layers.run_options import RunOptions
+from qwenimage_pack.core.layers.linear import Linear
 
 E4M3 = torch.float8_e4m3fn
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="torch without _scaled_mm")

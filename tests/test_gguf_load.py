@@ -13,11 +13,11 @@ import torch.nn as nn
 from gguf import MODEL_ARCH, GGMLQuantizationType as T, get_tensor_name_map, quants
 
 from gguf_writer_util import encode, write_gguf
-from qwenimage_pack.model_defs.weights.errors import WeightFileError
-from qwenimage_pack.model_defs.weights.gguf_reader import (
+from qwenimage_pack.core.errors import WeightFileError
+from qwenimage_pack.core.formats.gguf import (
     GGUFContents, LazyStringArray, read_gguf, read_header, read_tensors, text_config_from_metadata, vision_config_from_metadata,
 )
-from qwenimage_pack.model_defs.weights.linear import Embedding, Linear, QuantizedTensor
+from qwenimage_pack.core.layers.linear import Embedding, Linear, QuantizedTensor
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,7 +162,7 @@ def test_mmdit_gguf_matches_diffusers(recipe, diffusers_dit, dit_gguf):
 def test_mmdit_gguf_through_load_mmdit(recipe, diffusers_dit, dit_gguf):
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
 
-    from qwenimage_pack.model_defs.weights.load import load_mmdit
+    from qwenimage_pack.core.loading.load import load_mmdit
 
     path, dense = dit_gguf(recipe)
     model = load_mmdit(path, compute_dtype=torch.float32)
@@ -265,7 +265,7 @@ def text_forward(model, ids=None):
 
 
 def test_text_gguf_matches_transformers(text_gguf):
-    from qwenimage_pack.model_defs.text_encoder import QwenTextEncoder, TextEncoderConfig
+    from qwenimage_pack.core.models.text_encoder import QwenTextEncoder, TextEncoderConfig
 
     path, ref, hf_names = text_gguf
     contents = read_gguf(path, expect="text")
@@ -283,7 +283,7 @@ def test_text_gguf_matches_transformers(text_gguf):
 
 
 def test_text_gguf_through_load_text_encoder(text_gguf, mmproj_gguf):
-    from qwenimage_pack.model_defs.weights.load import load_text_encoder
+    from qwenimage_pack.core.loading.load import load_text_encoder
 
     path, ref, _ = text_gguf
     model, vision = load_text_encoder(path, compute_dtype=torch.float32)
@@ -421,8 +421,8 @@ SAMPLES = [
 def test_tokenizer_from_gguf_metadata(tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from qwenimage_pack.model_defs.tokenizer import QwenTokenizer
-    from qwenimage_pack.model_defs.weights.gguf_tokenizer import GGUFTokenizer, build_tokenizer, tokenizer_from_gguf
+    from qwenimage_pack.core.models.tokenizer import QwenTokenizer
+    from qwenimage_pack.core.loading.gguf_tokenizer import GGUFTokenizer, build_tokenizer, tokenizer_from_gguf
 
     tokens, types, merges = llama_cpp_token_arrays(tokenizer_dir)
     path = write_gguf(tmp_path / "tok.gguf", "qwen2vl", {"output_norm.weight": (np.ones(32, np.float32), None)}, {
@@ -457,7 +457,7 @@ def test_tokenizer_from_gguf_metadata(tokenizer_dir, tmp_path):
 
 
 def test_tokenizer_errors(tmp_path):
-    from qwenimage_pack.model_defs.weights.gguf_tokenizer import tokenizer_from_gguf
+    from qwenimage_pack.core.loading.gguf_tokenizer import tokenizer_from_gguf
 
     path = write_gguf(tmp_path / "none.gguf", "qwen2vl", {"output_norm.weight": (np.ones(32, np.float32), None)})
     with pytest.raises(WeightFileError, match="none.gguf: carries no tokenizer"):

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 import references as refs
 from gguf_writer_util import write_gguf, encode
-from qwenimage_pack.model_defs import host_memory
-from qwenimage_pack.model_defs.weights.load import load_mmdit
+from qwenimage_pack.core.layers import host_memory
+from qwenimage_pack.core.loading.load import load_mmdit
 from gguf import GGMLQuantizationType as T
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qwenimage_pack.model_defs.mmdit import QwenImageMMDiT
-from qwenimage_pack.model_defs.text_encoder import QwenTextEncoder
-from qwenimage_pack.model_defs.vae import WanVAE
-from qwenimage_pack.model_defs.weights.errors import WeightFileError
-from qwenimage_pack.model_defs.weights.load import inspect_file, load_mmdit, load_text_encoder, load_vae
+from qwenimage_pack.core.models.mmdit import QwenImageMMDiT
+from qwenimage_pack.core.models.text_encoder import QwenTextEncoder
+from qwenimage_pack.core.models.vae import WanVAE
+from qwenimage_pack.core.errors import WeightFileError
+from qwenimage_pack.core.loading.load import inspect_file, load_mmdit, load_text_encoder, load_vae
 
 # ------------------------------------------------------------------ tiny files of each kind
 

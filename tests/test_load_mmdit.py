@@ -12,9 +12,9 @@ import torch
 import references as refs
 from safetensors.torch import save_file
 
-from qwenimage_pack.model_defs.mmdit import QwenImageMMDiT
-from qwenimage_pack.model_defs.weights.linear import Linear
-from qwenimage_pack.model_defs.weights.load import inspect_file, load_mmdit
+from qwenimage_pack.core.models.mmdit import QwenImageMMDiT
+from qwenimage_pack.core.layers.linear import Linear
+from qwenimage_pack.core.loading.load import inspect_file, load_mmdit
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import QwenImageTransformer2DModel  # noqa: E402

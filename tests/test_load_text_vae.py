@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 import references as refs
 
-from qwenimage_pack.model_defs.weights.linear import Linear
-from qwenimage_pack.model_defs.weights.load import inspect_file, load_text_encoder, load_vae
+from qwenimage_pack.core.layers.linear import Linear
+from qwenimage_pack.core.loading.load import inspect_file, load_text_encoder, load_vae
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -198,7 +198,7 @@ def test_vae_diffusers_names_single_file(vae_ref, tmp_path):
 
 
 def test_vae_wan_names(vae_ref, tmp_path):
-    from qwenimage_pack.model_defs.weights.keys_vae import convert_vae_keys
+    from qwenimage_pack.core.keymaps.vae import convert_vae_keys
 
     wan = convert_vae_keys({k: v.contiguous() for k, v in vae_ref.state_dict().items()})
     assert "encoder.conv1.weight" in wan and "decoder.upsamples.0.residual.0.gamma" in wan

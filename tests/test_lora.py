@@ -27,9 +27,9 @@ except ImportError:
     factorization = None
 needs_peft = pytest.mark.skipif(factorization is None, reason="peft is not installed (pip install peft)")
 
-from qwenimage_pack.model_defs.weights.errors import WeightFileError  # noqa: E402
-from qwenimage_pack.model_defs.weights.linear import Linear  # noqa: E402
-from qwenimage_pack.model_defs.weights.lora import (  # noqa: E402
+from qwenimage_pack.core.errors import WeightFileError  # noqa: E402
+from qwenimage_pack.core.layers.linear import Linear  # noqa: E402
+from qwenimage_pack.core.layers.lora_patch import (  # noqa: E402
     PATCH_PREFIX,
     apply_loras,
     load_lora_file,
@@ -169,7 +169,7 @@ def test_format_matches_diffusers(base, shapes, inputs, tmp_path, fmt, alpha):
 
 @needs_peft
 def test_qwen_mmdit_with_lora_matches_diffusers(base, shapes, tmp_path):
-    mmdit = pytest.importorskip("qwenimage_pack.model_defs.mmdit")
+    mmdit = pytest.importorskip("qwenimage_pack.core.models.mmdit")
     model = mmdit.QwenImageMMDiT(mmdit.MMDiTConfig(**CFG))
     model.load_state_dict(base.state_dict(), strict=True)
     path = write_lora(tmp_path, lora_factors(shapes, seed=20), "bare", alpha=8)
@@ -366,7 +366,7 @@ def test_fp8_weight_with_lora_equals_dequantized_plus_lora():
 @pytest.mark.parametrize("qname", ["Q8_0", "Q4_0"])
 def test_gguf_weight_with_lora_equals_dequantized_plus_lora(qname):
     gguf = pytest.importorskip("gguf")
-    pytest.importorskip("qwenimage_pack.model_defs.weights.dequant")
+    pytest.importorskip("qwenimage_pack.core.layers.gguf_dequant")
     import numpy as np
 
     qtype = getattr(gguf.GGMLQuantizationType, qname)

@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 from test_lora import base, inputs  # noqa: F401  (the LoRA tests' tiny model and inputs, as fixtures)
 from test_lora import diffusers_fused, lora_factors, needs_peft, ours_from, rel_err, run, write_lora
-from qwenimage_pack.model_defs import host_memory
-from qwenimage_pack.model_defs.weights import lora_bake
-from qwenimage_pack.model_defs.weights.linear import Linear
-from qwenimage_pack.model_defs.weights.lora import apply_loras, load_lora_file, parse_lora
+from qwenimage_pack.core.layers import host_memory
+from qwenimage_pack.core.layers import fold as lora_bake
+from qwenimage_pack.core.layers.linear import Linear
+from qwenimage_pack.core.layers.lora_patch import apply_loras, load_lora_file, parse_lora
 
 
 def on_stand_in_gpu(base, tmp_path):
@@ -102,7 +102,7 @@ def test_what_is_never_folded(base, inputs, setup):
 
 
 def test_the_sampler_folds_a_resident_models_loras(base, setup, tmp_path, monkeypatch):
-    from qwenimage_pack.model_defs.weights.load import load_mmdit
+    from qwenimage_pack.core.loading.load import load_mmdit
     from qwenimage_pack.nodes import sampling
     from qwenimage_pack.nodes.handles import DiffusionModel
 

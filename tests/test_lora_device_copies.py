@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qwenimage_pack.model_defs import host_memory
-from qwenimage_pack.model_defs.weights.linear import Linear
-from qwenimage_pack.model_defs.weights.lora import (
+from qwenimage_pack.core.layers import host_memory
+from qwenimage_pack.core.layers.linear import Linear
+from qwenimage_pack.core.layers.lora_patch import (
     apply_loras,
     device_copy_bytes,
     parse_lora,

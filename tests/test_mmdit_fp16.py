@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline  # noqa: E402
 
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
 
 TINY = refs.TINY_MMDIT
 

@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline  # noqa: E402
 
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
 
 TINY = refs.TINY_MMDIT
 TOL = 1e-5
@@ -200,7 +200,7 @@ def test_bad_inputs_are_named(models):
 
 
 def test_attention_backend_falls_back_to_sdpa(caplog):
-    from qwenimage_pack.model_defs import attention
+    from qwenimage_pack.core.layers import attention
 
     attention.reset()
     try:

@@ -1,9 +1,9 @@
 """Full-size configurations, built on the meta device, against the published checkpoint facts."""
 import torch
 
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
-from qwenimage_pack.model_defs.text_encoder import QwenTextEncoder, TextEncoderConfig
-from qwenimage_pack.model_defs.vae import VAEConfig, WanVAE
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
+from qwenimage_pack.core.models.text_encoder import QwenTextEncoder, TextEncoderConfig
+from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
 
 
 def _count(module):

@@ -7,8 +7,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-from qwenimage_pack.model_defs import sampling as fm
-from qwenimage_pack.model_defs import schedule
+from qwenimage_pack.core.pipeline import sampling as fm
+from qwenimage_pack.core.pipeline import schedule
 
 # Qwen/Qwen-Image scheduler/scheduler_config.json
 QWEN_SCHEDULER = dict(
@@ -106,7 +106,7 @@ def test_noise_matches_diffusers_randn():
 def test_true_cfg_matches_diffusers_formula():
     g = torch.Generator().manual_seed(1)
     cond, uncond = torch.randn(2, 16, 6, 8, generator=g), torch.randn(2, 16, 6, 8, generator=g)
-    from qwenimage_pack.model_defs.latent_format import pack, unpack
+    from qwenimage_pack.core.pipeline.latent_format import pack, unpack
 
     pc, pu = pack(cond), pack(uncond)
     comb = pu + 4.0 * (pc - pu)

@@ -7,8 +7,10 @@ import logging
 import pytest
 import torch
 
-from qwenimage_pack.model_defs import attention, mmdit
-from qwenimage_pack.model_defs.run_options import DEFAULT
+from qwenimage_pack.core.layers import attention
+
+from qwenimage_pack.core.models import mmdit
+from qwenimage_pack.core.layers.run_options import DEFAULT
 from qwenimage_pack.nodes import options
 from qwenimage_pack.nodes.handles import DiffusionModel
 
@@ -72,7 +74,7 @@ def test_a_backend_that_failed_is_not_retried(fake_sage):
 def test_the_sampler_runs_with_the_handles_options(fake_sage, monkeypatch):
     """The model's attention calls ask for the handle's backend, and only that handle's."""
     import references as refs
-    from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
+    from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
     from qwenimage_pack.nodes import sampling
 
     torch.manual_seed(0)

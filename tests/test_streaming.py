@@ -1,4 +1,4 @@
-"""Block streaming (model_defs/streaming.py) on the CPU: same numbers, bounded residency,
+"""Block streaming (core/pipeline/streaming.py) on the CPU: same numbers, bounded residency,
 prefetch order, compact weights moved as stored, host tensors restored.
 
 With device "cpu" the streamer still makes a separate copy of each block for its forward, so
@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenimage_pack.model_defs import streaming
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
-from qwenimage_pack.model_defs.offload import BlockStreamer as SimpleStreamer
-from qwenimage_pack.model_defs.weights.linear import Linear
+from qwenimage_pack.core.pipeline import streaming
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
+from qwenimage_pack.core.layers.offload import BlockStreamer as SimpleStreamer
+from qwenimage_pack.core.layers.linear import Linear
 
 LAYERS = 4
 

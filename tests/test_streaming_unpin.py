@@ -16,9 +16,11 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwenimage_pack.model_defs import host_memory, streaming
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT
-from qwenimage_pack.model_defs.weights.linear import Linear
+from qwenimage_pack.core.layers import host_memory
+
+from qwenimage_pack.core.pipeline import streaming
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
+from qwenimage_pack.core.layers.linear import Linear
 
 
 class FakePins:

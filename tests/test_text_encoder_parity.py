@@ -7,8 +7,8 @@ import torch
 
 import references as refs
 
-from qwenimage_pack.model_defs.text_encoder import QwenTextEncoder, TextEncoderConfig, encode_text
-from qwenimage_pack.model_defs.weights.keys_text import convert_text_encoder_keys
+from qwenimage_pack.core.models.text_encoder import QwenTextEncoder, TextEncoderConfig, encode_text
+from qwenimage_pack.core.keymaps.text import convert_text_encoder_keys
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,7 +138,7 @@ def test_config_from_hf_and_from_shapes(reference):
 
 def test_prompt_embeds_match_diffusers(reference, ours, tokenizer_dir):
     diffusers = pytest.importorskip("diffusers")
-    from qwenimage_pack.model_defs.tokenizer import QwenTokenizer
+    from qwenimage_pack.core.models.tokenizer import QwenTokenizer
 
     pipe = diffusers.QwenImagePipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, transformer=None,
@@ -154,7 +154,7 @@ def test_prompt_embeds_match_diffusers(reference, ours, tokenizer_dir):
 
 
 def test_key_routing():
-    from qwenimage_pack.model_defs.weights.keys_text import is_text_encoder_keys, text_key
+    from qwenimage_pack.core.keymaps.text import is_text_encoder_keys, text_key
 
     assert text_key("model.layers.3.mlp.up_proj.weight") == ("lm", "layers.3.mlp.up_proj.weight")
     assert text_key("model.language_model.norm.weight") == ("lm", "norm.weight")

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from qwenimage_pack.model_defs import tokenizer as T
-from qwenimage_pack.model_defs.weights.errors import WeightFileError
+from qwenimage_pack.core.models import tokenizer as T
+from qwenimage_pack.core.errors import WeightFileError
 
 transformers = pytest.importorskip("transformers")
 

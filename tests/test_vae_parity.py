@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-from qwenimage_pack.model_defs.vae import VAEConfig, WanVAE
-from qwenimage_pack.model_defs.weights.errors import WeightFileError
-from qwenimage_pack.model_defs.weights.keys_vae import (
+from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
+from qwenimage_pack.core.errors import WeightFileError
+from qwenimage_pack.core.keymaps.vae import (
     convert_vae_keys,
     is_vae_keys,
     vae_key,

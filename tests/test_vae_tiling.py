@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage
 
-import qwenimage_pack.model_defs.vae as vae_mod
-from qwenimage_pack.model_defs.vae import VAEConfig, WanVAE
-from qwenimage_pack.model_defs.weights.keys_vae import convert_vae_keys
+import qwenimage_pack.core.models.vae as vae_mod
+from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
+from qwenimage_pack.core.keymaps.vae import convert_vae_keys
 
 TILE, OVERLAP = 12, 4  # latent px; 30x38 latents need 4x5 tiles, neither side a multiple of the stride
 

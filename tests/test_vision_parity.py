@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import references as refs
-from qwenimage_pack.model_defs import edit as E
-from qwenimage_pack.model_defs import vision as V
-from qwenimage_pack.model_defs.tokenizer import IMAGE_PAD_ID, QwenTokenizer, build_prompt
+from qwenimage_pack.core.pipeline import edit as E
+from qwenimage_pack.core.models import vision as V
+from qwenimage_pack.core.models.tokenizer import IMAGE_PAD_ID, QwenTokenizer, build_prompt
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
@@ -103,7 +103,7 @@ def test_preprocessing_matches_image_processor(w, h, kind):
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    from qwenimage_pack.model_defs.weights.load import load_text_encoder
+    from qwenimage_pack.core.loading.load import load_text_encoder
 
     model = refs.tiny_text_encoder()
     path = tmp_path_factory.mktemp("te") / "qwen_2.5_vl_tiny.safetensors"
@@ -164,7 +164,7 @@ def test_mmproj_gguf_tower_through_the_node_matches_transformers(lm, tmp_path):
     from test_gguf_load import MMPROJ_METADATA, to_mmproj_names, write_model
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    from qwenimage_pack.model_defs.weights.load import load_text_encoder
+    from qwenimage_pack.core.loading.load import load_text_encoder
     from qwenimage_pack.nodes.edit import vision_tower_for
     from qwenimage_pack.nodes.handles import TextEncoder
 

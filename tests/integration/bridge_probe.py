@@ -14,9 +14,9 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import torch  # noqa: E402
 
-from qwenimage_pack.model_defs import sampling as fm  # noqa: E402
-from qwenimage_pack.model_defs import schedule  # noqa: E402
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
+from qwenimage_pack.core.pipeline import sampling as fm  # noqa: E402
+from qwenimage_pack.core.pipeline import schedule  # noqa: E402
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
 from qwenimage_pack.nodes import comfy_model, placement, sampling  # noqa: E402
 from qwenimage_pack.nodes.handles import DiffusionModel  # noqa: E402
 

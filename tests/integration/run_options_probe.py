@@ -13,8 +13,10 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import torch  # noqa: E402
 
-from qwenimage_pack.model_defs import attention, mmdit  # noqa: E402
-from qwenimage_pack.model_defs.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
+from qwenimage_pack.core.layers import attention  # noqa: E402
+
+from qwenimage_pack.core.models import mmdit
+from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
 from qwenimage_pack.nodes import comfy_model, options, placement  # noqa: E402
 from qwenimage_pack.nodes.handles import DiffusionModel  # noqa: E402
 

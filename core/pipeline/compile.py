@@ -52,8 +52,8 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn as nn
 
-from .mmdit import TransformerBlock
-from .run_options import RunOptions, resolve
+from ..models.mmdit import TransformerBlock
+from ..layers.run_options import RunOptions, resolve
 
 log = logging.getLogger(__name__)
 

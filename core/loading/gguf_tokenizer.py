@@ -14,8 +14,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable, Mapping
 
-from ..tokenizer import ADDED_TOKENS, PRETOKENIZE_PATTERN, QwenTokenizer
-from .errors import WeightFileError
+from ..models.tokenizer import ADDED_TOKENS, PRETOKENIZE_PATTERN, QwenTokenizer
+from ..errors import WeightFileError
 
 _CONTROL, _USER_DEFINED = 3, 4
 _BPE_MODELS = ("gpt2",)
@@ -115,7 +115,7 @@ class GGUFTokenizer:
 def tokenizer_from_gguf(source) -> GGUFTokenizer:
     """The tokenizer embedded in a GGUF: ``source`` is its path, a ``GGUFContents`` or its
     metadata. Only the header is read now (~0.1 s); the vocabulary on first use."""
-    from .gguf_reader import read_header
+    from ..formats.gguf import read_header
 
     if isinstance(source, Mapping):
         return GGUFTokenizer(source)

@@ -2,7 +2,7 @@
 
 ComfyUI's error dialog and /history show an exception's type as ``__module__ + "." +
 __qualname__`` (execution.full_type_name). Inside ComfyUI this pack is imported under its folder
-path, so a plain class would read ``/home/.../custom_nodes/ComfyUI-QwenImage.model_defs.weights.errors.
+path, so a plain class would read ``/home/.../custom_nodes/ComfyUI-QwenImage.core.errors.
 WeightFileError`` in front of the message. :class:`PackError` subclasses report the module
 ``qwenimage`` instead, so the dialog reads ``qwenimage.WeightFileError``.
 """

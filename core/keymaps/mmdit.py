@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .errors import WeightFileError
+from ..errors import WeightFileError
 
 MMDIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 

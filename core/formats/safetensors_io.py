@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import WeightFileError
+from ..errors import WeightFileError
 
 # safetensors dtype tag -> (torch dtype attribute name, bytes per element)
 _DTYPES: dict[str, tuple[str, int]] = {

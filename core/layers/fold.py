@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .. import host_memory
+from . import host_memory
 from .linear import FP8_DTYPES, Linear
 
 _FOLDABLE_KINDS = ("lora", "loha", "lokr", "diff")

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import host_memory
+from ..layers import host_memory
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weights.errors import WeightFileError
-from .weights.keys_vae import convert_vae_keys
+from ..errors import WeightFileError
+from ..keymaps.vae import convert_vae_keys
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import lora_bake
-from .errors import WeightFileError
-from .lora_keys import (
+from . import fold as lora_bake
+from ..errors import WeightFileError
+from ..keymaps.lora import (
     FORMAT_NAMES,
     LayerNames,
     guess_other_model,
@@ -52,7 +52,7 @@ def load_lora_file(path) -> LoraStateDict:
     """Read every tensor of a ``.safetensors`` LoRA onto the CPU. Pickles are never opened."""
     from safetensors import safe_open
 
-    from .safetensors_io import is_gguf, read_header
+    from ..formats.safetensors_io import is_gguf, read_header
 
     path = os.fspath(path)
     if os.path.isfile(path) and is_gguf(path):
@@ -527,7 +527,7 @@ def _check_fits(weights: LoraWeights, linears: dict[str, nn.Linear]) -> None:
                 "a LoRA parsed for this model",
             )
         if not hasattr(lin, "add_patch"):
-            raise ValueError(f"layer {name} is a plain torch.nn.Linear; LoRA patches need model_defs.weights.linear.Linear")
+            raise ValueError(f"layer {name} is a plain torch.nn.Linear; LoRA patches need core.layers.linear.Linear")
 
 
 def apply_loras(module: nn.Module, applications) -> None:

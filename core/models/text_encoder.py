@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .tokenizer import encode_prompt_ids
-from .weights.keys_text import LM, text_key
-from .weights.linear import FP8_DTYPES, Embedding, Linear
+from ..keymaps.text import LM, text_key
+from ..layers.linear import FP8_DTYPES, Embedding, Linear
 
 
 @dataclass

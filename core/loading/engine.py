@@ -15,12 +15,12 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .. import host_memory
-from .detect import EXPECTED, detect, mismatch_message
-from .errors import WeightFileError
-from .keys_mmdit import check_quant_format, parse_quant_config, quant_side_tensors
-from .linear import FP8_DTYPES, Embedding, Linear, QuantizedTensor, dequantize_rows
-from .safetensors_io import WeightSource, is_gguf, open_weights
+from ..layers import host_memory
+from ..keymaps.detect import EXPECTED, detect, mismatch_message
+from ..errors import WeightFileError
+from ..keymaps.mmdit import check_quant_format, parse_quant_config, quant_side_tensors
+from ..layers.linear import FP8_DTYPES, Embedding, Linear, QuantizedTensor, dequantize_rows
+from ..formats.safetensors_io import WeightSource, is_gguf, open_weights
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class _GGUFSource:
 
 def _read_gguf(path: Path, expect: str):
     try:
-        from .gguf_reader import read_gguf
+        from ..formats.gguf import read_gguf
     except ImportError as e:
         raise WeightFileError(path, f"is a GGUF file, but GGUF support is not available ({e}).",
                               "a .safetensors file, or install the pack completely (the 'gguf' package)") from None

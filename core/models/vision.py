@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .text_encoder import RMSNorm
-from .weights.linear import Linear
+from ..layers.linear import Linear
 
 # CLIP's normalization, which the Qwen2-VL image processor uses.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -57,7 +57,7 @@ def move(module: nn.Module, device) -> None:
         # LoRA layers keep copies of their factors on the device they last ran on; they are
         # not parameters, so module.to would leave them on the GPU. Imported here: lora imports
         # this module (through lora_bake).
-        from .weights import lora
+        from . import lora_patch as lora
 
         lora.release_device_copies(module)
         for mod in module.modules():

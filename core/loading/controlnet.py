@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .detect import EXPECTED, Detected
-from .errors import WeightFileError
-from .keys_mmdit import find_prefix
-from .load_engine import _load, _Plan, _plan_quant
-from .safetensors_io import is_gguf, open_weights
+from ..keymaps.detect import EXPECTED, Detected
+from ..errors import WeightFileError
+from ..keymaps.mmdit import find_prefix
+from .engine import _load, _Plan, _plan_quant
+from ..formats.safetensors_io import is_gguf, open_weights
 
 CONTROLNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "controlnet.", "model.")
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
@@ -51,7 +51,7 @@ def foreign_controlnet(names: Iterable[str]) -> str | None:
 
 def instantx_config(shapes: Mapping[str, tuple], file_config: dict | None = None):
     """``(MMDiTConfig, extra_condition_channels)`` from prefix-free shapes (or a diffusers config)."""
-    from ..mmdit import MMDiTConfig, default_axes
+    from ..models.mmdit import MMDiTConfig, default_axes
 
     if file_config:
         cfg = MMDiTConfig.from_diffusers_config({k: v for k, v in file_config.items() if k != "out_channels"})
@@ -93,7 +93,7 @@ def load_controlnet(path, weight_dtype: str = "default", device="cpu", compute_d
     Returns ``InstantXControlNet`` or ``DiffSynthControlNet``; ``weight_dtype`` as for
     ``load.load_mmdit`` (bf16 / fp16 / fp8 files are kept as stored with "default").
     """
-    from ..controlnet import DiffSynthControlNet, InstantXControlNet
+    from ..models.controlnet import DiffSynthControlNet, InstantXControlNet
 
     p = Path(path).expanduser()
     _precheck(p)

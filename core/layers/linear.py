@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import fp8_matmul
-from ..run_options import DEFAULT, RunOptions
+from . import fp8_matmul
+from .run_options import DEFAULT, RunOptions
 
 
 class QuantizedTensor(NamedTuple):
@@ -39,7 +39,7 @@ FP8_DTYPES = tuple(
 )
 
 # GGUF type id -> fn(blocks_uint8 [rows, bytes], qtype, cols, dtype, fused) -> [rows, cols] tensor.
-# Filled by model_defs.weights.dequant so this module stays free of format details. ``fused``
+# Filled by core.layers.gguf_dequant so this module stays free of format details. ``fused``
 # False: the plain PyTorch kernels even where a fused GPU kernel is registered.
 DEQUANTIZERS: dict[int, Callable[[torch.Tensor, int, int, torch.dtype, bool], torch.Tensor]] = {}
 
@@ -49,7 +49,7 @@ def dequantize_rows(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dt
     fn = DEQUANTIZERS.get(qtype)
     if fn is None:
         # Importing registers the kernels; done lazily so plain models never pay for it.
-        from . import dequant  # noqa: F401  (importing registers the kernels)
+        from . import gguf_dequant as dequant  # noqa: F401  (importing registers the kernels)
 
         fn = DEQUANTIZERS.get(qtype)
     if fn is None:

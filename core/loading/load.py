@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .detect import EXPECTED, Detected, detect
-from .errors import WeightFileError
-from .keys_mmdit import find_prefix, mmdit_config_from_shapes, mmdit_key, mmdit_prefix
-from .load_engine import (  # noqa: F401  (WEIGHT_DTYPES: part of this module's interface)
+from ..keymaps.detect import EXPECTED, Detected, detect
+from ..errors import WeightFileError
+from ..keymaps.mmdit import find_prefix, mmdit_config_from_shapes, mmdit_key, mmdit_prefix
+from .engine import (  # noqa: F401  (WEIGHT_DTYPES: part of this module's interface)
     WEIGHT_DTYPES,
     _as_dtype,
     _dense,
@@ -36,15 +36,15 @@ from .load_engine import (  # noqa: F401  (WEIGHT_DTYPES: part of this module's 
     _Policy,
     _read_gguf,
 )
-from .linear import QuantizedTensor
-from .safetensors_io import is_gguf, open_weights
+from ..layers.linear import QuantizedTensor
+from ..formats.safetensors_io import is_gguf, open_weights
 
 # ---------------------------------------------------------------------------------------------
 # MMDiT
 
 
 def _mmdit_config(config, file_config: dict | None, shapes: dict[str, tuple]):
-    from ..mmdit import MMDiTConfig
+    from ..models.mmdit import MMDiTConfig
 
     if isinstance(config, MMDiTConfig):
         return config
@@ -64,7 +64,7 @@ def load_mmdit(path, weight_dtype: str = "default", device="cpu", compute_dtype=
     file's (e.g. ``{"zero_cond_t": True}`` for Edit-2511); by default read from config.json or
     inferred from the tensor shapes.
     """
-    from ..mmdit import MMDiTConfig, QwenImageMMDiT
+    from ..models.mmdit import MMDiTConfig, QwenImageMMDiT
 
     if config is not None and not isinstance(config, (MMDiTConfig, dict)):
         raise ValueError(f"config must be an MMDiTConfig, a dict of diffusers config values or None, "
@@ -115,8 +115,8 @@ def load_text_encoder(path, weight_dtype: str = "default", device="cpu", compute
     when there are none. ``weight_dtype`` as for :func:`load_mmdit` ("fp8_e4m3fn" quantizes the
     decoder layers' Linear weights).
     """
-    from ..text_encoder import QwenTextEncoder, TextEncoderConfig
-    from .keys_text import DROP, VISION, text_key
+    from ..models.text_encoder import QwenTextEncoder, TextEncoderConfig
+    from ..keymaps.text import DROP, VISION, text_key
 
     def prepare(source, found: Detected, shapes, p: Path):
         plan = _Plan()
@@ -138,7 +138,7 @@ def load_text_encoder(path, weight_dtype: str = "default", device="cpu", compute
         ours = {t: shapes[k] for k, t in plan.routes.items()}
         try:
             if isinstance(source, _GGUFSource):
-                from .gguf_reader import text_config_from_metadata
+                from ..formats.gguf import text_config_from_metadata
 
                 cfg = TextEncoderConfig(**text_config_from_metadata(source.metadata, source.tensors, p))
             elif source.config is not None:
@@ -183,8 +183,8 @@ _VAE_PREFIXES = ("first_stage_model.", "vae.")
 def load_vae(path, dtype=torch.float32, device="cpu"):
     """Load the Wan-2.1 / Qwen-Image VAE (original Wan names, diffusers names or a diffusers
     ``vae/`` folder), every floating tensor stored as ``dtype``."""
-    from ..vae import VAEConfig, WanVAE
-    from .keys_vae import infer_num_res_blocks, is_diffusers_name, vae_key
+    from ..models.vae import VAEConfig, WanVAE
+    from ..keymaps.vae import infer_num_res_blocks, is_diffusers_name, vae_key
 
     dtype = _as_dtype(dtype, "dtype") or torch.float32
     weight_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
@@ -255,8 +255,8 @@ def inspect_file(path, component: str | None = None) -> FileSummary:
 
 def _gguf_header(p: Path):
     try:
-        from .dequant import GGML_TYPES
-        from .gguf_reader import read_header
+        from ..layers.gguf_dequant import GGML_TYPES
+        from ..formats.gguf import read_header
     except ImportError as e:
         raise WeightFileError(p, f"is a GGUF file, but GGUF support is not available ({e}).", None) from None
     header = read_header(p)

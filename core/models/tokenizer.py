@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .weights.errors import WeightFileError
+from ..errors import WeightFileError
 
 # ---------------------------------------------------------------------------------------
 # Templates

@@ -35,7 +35,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from . import dequant
+from . import gguf_dequant as dequant
 from .linear import Linear
 
 log = logging.getLogger(__name__)

@@ -21,14 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import rope
-from .attention import attention
-from .run_options import RunOptions, resolve
-from .weights.linear import Linear
+from ..layers import rope
+from ..layers.attention import attention
+from ..layers.run_options import RunOptions, resolve
+from ..layers.linear import Linear
 
 FP16_MAX = 65504.0
 _DENSE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# torch.compile (model_defs/compile.py) is only offered where torch has it; older torch: never tracing.
+# torch.compile (core/pipeline/compile.py) is only offered where torch has it; older torch: never tracing.
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 # A ControlNet hook: called after block i with the image tokens (target first, then references),

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .mmdit import MMDiTConfig, QwenImageMMDiT, RMSNorm, pack_latent
-from .weights.linear import Linear
+from ..layers.linear import Linear
 
 INSTANTX = "instantx"
 DIFFSYNTH = "diffsynth"

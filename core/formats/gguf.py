@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .dequant import GGML_TYPES, PLAIN_TYPES, SUPPORTED_TYPES, dequantize, supported_type_names, type_name
-from .errors import WeightFileError
-from .linear import QuantizedTensor
+from ..layers.gguf_dequant import GGML_TYPES, PLAIN_TYPES, SUPPORTED_TYPES, dequantize, supported_type_names, type_name
+from ..errors import WeightFileError
+from ..layers.linear import QuantizedTensor
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -380,7 +380,7 @@ def _text_name(name: str) -> str | None:
 
 
 def _text_route(name: str) -> tuple[str, str]:
-    from .keys_text import text_key
+    from ..keymaps.text import text_key
 
     try:
         return text_key(name)

@@ -1,1 +1,0 @@
-"""Pure-PyTorch Qwen-Image models, weight formats and sampling math (no ComfyUI imports)."""

@@ -1,1 +1,0 @@
-"""Weight files and the layers that hold their tensors."""
