@@ -11,7 +11,7 @@ on the host as a loaded file would be), on every Linear of every block (the Ligh
 coverage). "apply" = parse + attach patches (what the LoRA loader node does); the first forward
 after it also uploads the factors to the GPU, reported separately.
 
-With bf16 weights the sampler folds the LoRA into the GPU copies of the weights (lora_bake)
+With bf16 weights the sampler folds the LoRA into the GPU copies of the weights (core/layers/fold.py)
 when they were read unchanged from a file, restoring them from the file on change. Here a host
 copy of each block weight stands in for the file (about 40 GB of host memory at full size); the
 folded rows time the fold, the forward, and the restore. ``--no-fold`` skips them.
@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
     lora = common.pack("core.layers.lora_patch")
+    lora_files = common.pack("core.loading.lora")
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)
     model = common.build_mmdit(cfg, device)
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        weights = lora.parse_lora(sd, model, "random_rank%d.safetensors" % args.rank, metadata={})
+        weights = lora_files.parse_lora(sd, model, "random_rank%d.safetensors" % args.rank, metadata={})
     lora.apply_loras(model, [(weights, 1.0)])
     apply_s = time.perf_counter() - t0
     first_s, _ = common.wall(run, device)  # includes uploading the factors
@@ -131,16 +132,16 @@ def main(argv=None) -> dict:
 
 def fold_rows(args, model, run, weights, base_out, base_s, device, record) -> list[list[str]]:
     """Fold the LoRA into the bf16 weights as the sampler does for a model read from a file."""
-    host_memory = common.pack("core.layers.host_memory")
+    file_views = common.pack("core.layers.file_views")
     lora = common.pack("core.layers.lora_patch")
-    lora_bake = common.pack("core.layers.fold")
+    folding = common.pack("core.layers.fold")
     for _name, lin in common.block_linears(model):  # the stand-in for the file mapping
-        host_memory.keep_file_view(lin, "weight", lin.weight.detach().to("cpu", copy=True))
+        file_views.keep_file_view(lin, "weight", lin.weight.detach().to("cpu", copy=True))
     lora.apply_loras(model, [(weights, 1.0)])
     cpu = torch.device(device).type == "cpu"
 
     def fold():
-        return lora_bake.fold(model, allow_cpu=cpu)
+        return folding.fold(model, allow_cpu=cpu)
 
     fold_s, layers = common.wall(fold, device)
     common.reset_peak(device)

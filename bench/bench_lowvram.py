@@ -18,9 +18,10 @@ activations stay resident (``streaming.blocks_that_fit``); the rest stream throu
 from __future__ import annotations
 
 try:
-    from . import common
+    from . import common, simple_streamer
 except ImportError:  # run as a script
     import common
+    import simple_streamer
 
 import torch
 
@@ -34,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--headroom-gb", type=float, default=None, help="kept free for activations (default 3)")
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--simple", action="store_true",
-                   help="stream with the old offload.BlockStreamer (no prefetch, nothing kept) for comparison")
+                   help="stream with bench/simple_streamer.py (no prefetch, nothing kept) for comparison")
     args = common.finish_args(p.parse_args(argv), warmup=1, iters=2)
     args.size = args.size or (64 if args.smoke else 1328)
     # Smoke: caps in GiB small enough that the tiny model streams.
@@ -61,7 +62,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
     streaming = common.pack("core.pipeline.streaming")
-    offload = common.pack("core.layers.offload")
     fp8_matmul = common.pack("core.layers.fp8_matmul")
     RunOptions = common.pack("core.layers.run_options").RunOptions
     print(common.environment(device))
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
                     for m in head:
                         m.to(device)
                     inputs = tuple(t.to(device) for t in inputs_cpu)
-                    streamer = (offload.BlockStreamer(blocks, device, "cpu") if args.simple else
+                    streamer = (simple_streamer.BlockStreamer(blocks, device, "cpu") if args.simple else
                                 streaming.BlockStreamer(blocks, device, "cpu", prefetch=args.prefetch, keep=keep))
                     with streamer:
                         def step():

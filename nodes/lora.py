@@ -4,7 +4,7 @@ from __future__ import annotations
 import weakref
 from pathlib import Path
 
-from ..core.layers import lora_patch as lora
+from ..core.loading import lora
 from . import runtime
 from .handles import MODEL_TYPE
 

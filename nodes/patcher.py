@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..core.layers import host_memory
-from ..core.layers.offload import module_bytes
+from ..core.layers.host_memory import module_bytes
 from ..core.pipeline.streaming import BlockStreamer, block_bytes, blocks_that_fit
 from ..core.layers import lora_patch as lora
 from . import runtime

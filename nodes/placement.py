@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 
 from ..core.layers import host_memory
-from ..core.layers.offload import module_bytes
+from ..core.layers.host_memory import module_bytes
 from ..core.pipeline.streaming import BlockStreamer, blocks_that_fit
 from ..core.layers import gguf_kernels as dequant_cuda
 from . import patcher as patchers

@@ -10,7 +10,7 @@ from ..core.pipeline import latent_format as lf
 from ..core.pipeline import sampling as fm
 from ..core.pipeline import schedule
 from ..core.models.controlnet import step_hook
-from ..core.layers import gguf_kernels as dequant_cuda, fold as lora_bake
+from ..core.layers import gguf_kernels as dequant_cuda, fold
 from . import controlnet as control_nodes
 from . import placement, runtime
 from .handles import MODEL_TYPE
@@ -246,7 +246,7 @@ def sample(
     with placement.on_devices(device, (module, "transformer_blocks"), *[(net, None) for net in nets]) as placed, \
             torch.inference_mode(), speed_settings(model, device) as run_options:
         if placed[0] == "resident" and model.loras:
-            lora_bake.fold(module)  # dense GPU weights take the LoRA once instead of every step
+            fold.fold(module)  # dense GPU weights take the LoRA once instead of every step
         velocity = _Guided(module, device, pos, neg, cfg, sigmas=sigmas, options=run_options)
         x = fm.euler_sample(
             velocity,

@@ -20,7 +20,8 @@ from qwenimage_pack.core.layers import rope
 from qwenimage_pack.core.pipeline import streaming
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT, TransformerBlock
 from qwenimage_pack.core.layers.linear import Linear
-from qwenimage_pack.core.layers.lora_patch import apply_loras, parse_lora
+from qwenimage_pack.core.layers.lora_patch import apply_loras
+from qwenimage_pack.core.loading.lora import parse_lora
 
 LAYERS = 3  # two blocks share the "text stream continues" graph, the last one has its own
 TOL = 1e-5

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from qwenimage_pack.core.layers import attention, fp8_matmul, host_memory
+from qwenimage_pack.core.layers import attention, fp8_matmul, file_views, host_memory
 from qwenimage_pack.core.pipeline import streaming
 from qwenimage_pack.core.pipeline import compile as block_compile
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
 from qwenimage_pack.core.layers.run_options import RunOptions
 from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
-from qwenimage_pack.core.layers import gguf_dequant as dequant, gguf_kernels as dequant_cuda, fold as lora_bake
+from qwenimage_pack.core.layers import gguf_dequant as dequant, gguf_kernels as dequant_cuda, fold
 from qwenimage_pack.core.layers.linear import Linear
 
 STAND_IN = os.environ.get("QWENIMAGE_CUDA_TESTS_ON", "").strip().lower() == "cpu"
@@ -255,14 +255,15 @@ def test_lora_fold_then_restore_gives_the_file_weights_back(reference, tmp_path)
     from safetensors.torch import save_file
 
     from qwenimage_pack.core.loading.load import load_mmdit
-    from qwenimage_pack.core.layers.lora_patch import apply_loras, parse_lora
+    from qwenimage_pack.core.layers.lora_patch import apply_loras
+    from qwenimage_pack.core.loading.lora import parse_lora
 
     model, _ = reference
     path = tmp_path / "dit.safetensors"
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, str(path))
     module = load_mmdit(path)  # weights are views of the file, as in ComfyUI
     linears = {n: m for n, m in module.named_modules() if isinstance(m, Linear)}
-    views = {n: host_memory.file_view(m, "weight") for n, m in linears.items()}
+    views = {n: file_views.file_view(m, "weight") for n, m in linears.items()}
     assert all(v is not None for v in views.values()), "the loader kept no file views"
     host_memory.move(module, DEV)  # what placement does
     if DEV.type == "cpu":  # stand-in run: a copy in fresh memory plays the GPU copy
@@ -275,12 +276,12 @@ def test_lora_fold_then_restore_gives_the_file_weights_back(reference, tmp_path)
         weights = parse_lora(random_lora(module), module, "random.safetensors", metadata={})
     apply_loras(module, [(weights, 1.0)])
     additive = forward(module, args)
-    assert lora_bake.fold(module, allow_cpu=STAND_IN) == len(weights.layers) > 0
+    assert fold.fold(module, allow_cpu=STAND_IN) == len(weights.layers) > 0
     folded = forward(module, args)
     assert rel(folded, additive) < 1e-2 and rel(additive, plain) > 1e-3  # the LoRA matters; folding keeps it
     apply_loras(module, [])  # removing restores from the file
     for n, m in linears.items():
-        assert m.weight.device.type == DEV.type and not m.baked
+        assert m.weight.device.type == DEV.type and not m.folded
         assert torch.equal(m.weight.cpu(), views[n]), f"{n}: weight not restored exactly"
     assert torch.equal(forward(module, args), plain)
     host_memory.move(module, "cpu")  # eviction: the file's memory again, no copy

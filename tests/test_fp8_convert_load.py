@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 import references as refs
 from conftest import ROOT
-from qwenimage_pack.core.layers import host_memory
+from qwenimage_pack.core.layers import file_views, host_memory
 from qwenimage_pack.core.loading.load import load_mmdit
 
 FP8 = torch.float8_e4m3fn
@@ -63,7 +63,7 @@ def test_fp8_conversion_leaves_the_file_unmapped(tmp_path):
     tensors = _tensors(model)
     assert not _in_mapping(model, path)
     assert _mapped_ranges(path) == []  # nothing else holds it either: the mapping is closed
-    assert all(host_memory.file_view(m, n) is None for m in model.modules() for n in m._parameters)
+    assert all(file_views.file_view(m, n) is None for m in model.modules() for n in m._parameters)
     # The float8 weights are torch's cast of the amax / 448-scaled values; the rest as stored.
     for name, t in tensors.items():
         if name.endswith(".weight_scale"):  # the float8 weights' scales, checked with them
@@ -89,7 +89,7 @@ def test_unconverted_loads_keep_their_file_views(tmp_path):
     save_file(state, str(fp8_path))
     fp8 = load_mmdit(fp8_path, weight_dtype="fp8_e4m3fn")
     block = fp8.transformer_blocks[0].attn.to_q
-    assert block.weight.dtype == FP8 and host_memory.file_view(block, "weight") is not None
+    assert block.weight.dtype == FP8 and file_views.file_view(block, "weight") is not None
     assert len(_in_mapping(fp8, fp8_path)) == len(_tensors(fp8))
 
 

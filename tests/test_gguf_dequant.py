@@ -13,7 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants
 
 from gguf_writer_util import ALL_QUANTIZED, QUANTIZABLE, random_blocks
 from qwenimage_pack.core.layers import gguf_dequant as dequant
-from qwenimage_pack.core.layers.linear import DEQUANTIZERS, Embedding, Linear, dequantize_rows
+from qwenimage_pack.core.layers.linear import Embedding, Linear
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -40,9 +40,16 @@ def test_type_table_matches_gguf():
         assert (spec.block_size, spec.type_size) == GGML_QUANT_SIZES[ref]
 
 
-def test_every_supported_type_is_registered():
-    for qtype in dequant.SUPPORTED_TYPES:
-        assert DEQUANTIZERS[qtype] is dequant.dequantize
+@pytest.mark.parametrize("qtype", ALL_QUANTIZED, ids=lambda t: t.name)
+def test_a_linear_computes_with_every_supported_type(qtype):
+    """Whatever GGUF type a Linear holds, its forward is the matmul with gguf-py's dense weight."""
+    block, _ = GGML_QUANT_SIZES[qtype]
+    raw = random_blocks(qtype, 12, np.random.default_rng(int(qtype)), magnitude=1.0).reshape(6, -1)
+    w = reference(raw, qtype, 2 * block)
+    lin = Linear(2 * block, 6, bias=False)
+    lin.set_quantized(torch.from_numpy(raw), int(qtype), (6, 2 * block))
+    x = torch.randn(3, 2 * block)
+    torch.testing.assert_close(lin(x), F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,10 +121,9 @@ def test_linear_and_embedding_use_the_blocks():
     emb.set_quantized(torch.from_numpy(raw), int(T.Q8_0), (48, 64))
     ids = torch.tensor([[3, 0, 47], [5, 5, 1]])
     assert torch.equal(emb(ids), w[ids])
-    assert torch.equal(dequantize_rows(torch.from_numpy(raw), int(T.Q8_0), 64, torch.float32), w)
 
 
-def test_bad_inputs():
+def test_unsupported_types_and_malformed_blocks_are_refused_by_name():
     raw = torch.zeros(2, 34, dtype=torch.uint8)
     with pytest.raises(ValueError, match="IQ2_XXS.*supported: .*Q4_K"):
         dequant.dequantize(raw, int(T.IQ2_XXS), 256)

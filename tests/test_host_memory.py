@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import references as refs
 from gguf_writer_util import write_gguf, encode
-from qwenimage_pack.core.layers import host_memory
+from qwenimage_pack.core.layers import file_views, host_memory
 from qwenimage_pack.core.loading.load import load_mmdit
 from gguf import GGMLQuantizationType as T
 
@@ -23,7 +23,7 @@ def _forward(model):
 
 
 def _views(model):
-    return {f"{m}.{n}" if m else n: host_memory.file_view(mod, n)
+    return {f"{m}.{n}" if m else n: file_views.file_view(mod, n)
             for m, mod in model.named_modules() for n in mod._parameters}
 
 
@@ -66,7 +66,7 @@ def test_gguf_blocks_return_to_the_file_mapping(tmp_path):
     path = write_gguf(tmp_path / "tiny-Q8_0.gguf", "qwen_image", tensors)
     model = load_mmdit(path)
     quantized = [m for m in model.modules() if getattr(m, "quant_type", None) is not None]
-    assert quantized and all(host_memory.file_view(m, "weight") is not None for m in quantized)
+    assert quantized and all(file_views.file_view(m, "weight") is not None for m in quantized)
     expected = _forward(model)
     before, after = _round_trip(model)
     blocks = [n for n in before if n.endswith(".weight") and model.get_submodule(n[:-7]) in quantized]
@@ -76,8 +76,8 @@ def test_gguf_blocks_return_to_the_file_mapping(tmp_path):
 
 def test_only_a_matching_weight_is_swapped_back():
     lin = torch.nn.Linear(4, 4, bias=False)
-    host_memory.keep_file_view(lin, "weight")
-    view = host_memory.file_view(lin, "weight")
+    file_views.keep_file_view(lin, "weight")
+    view = file_views.file_view(lin, "weight")
     lin.weight.data = torch.zeros(2, 4)  # not the same tensor any more: left as it is
     host_memory.move(lin, "cpu")
     assert lin.weight.shape == (2, 4)

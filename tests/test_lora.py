@@ -29,13 +29,8 @@ needs_peft = pytest.mark.skipif(factorization is None, reason="peft is not insta
 
 from qwenimage_pack.core.errors import WeightFileError  # noqa: E402
 from qwenimage_pack.core.layers.linear import Linear  # noqa: E402
-from qwenimage_pack.core.layers.lora_patch import (  # noqa: E402
-    PATCH_PREFIX,
-    apply_loras,
-    load_lora_file,
-    lora_summary,
-    parse_lora,
-)
+from qwenimage_pack.core.layers.lora_patch import PATCH_PREFIX, apply_loras  # noqa: E402
+from qwenimage_pack.core.loading.lora import load_lora_file, lora_summary, parse_lora  # noqa: E402
 
 CFG = dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(4, 14, 14))
 RANK = 4

@@ -11,12 +11,8 @@ import torch.nn as nn
 
 from qwenimage_pack.core.layers import host_memory
 from qwenimage_pack.core.layers.linear import Linear
-from qwenimage_pack.core.layers.lora_patch import (
-    apply_loras,
-    device_copy_bytes,
-    parse_lora,
-    release_device_copies,
-)
+from qwenimage_pack.core.layers.lora_patch import apply_loras, device_copy_bytes, release_device_copies
+from qwenimage_pack.core.loading.lora import parse_lora
 
 META = torch.device("meta")
 

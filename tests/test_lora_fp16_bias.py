@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from test_lora import base, shapes  # noqa: F401  (the LoRA tests' tiny diffusers model, as fixtures)
 from test_lora import CFG, lora_factors, needs_peft, rel_err
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
-from qwenimage_pack.core.layers.lora_patch import apply_loras, load_lora_file, parse_lora
+from qwenimage_pack.core.layers.lora_patch import apply_loras
+from qwenimage_pack.core.loading.lora import load_lora_file, parse_lora
 
 STRENGTH = 0.7
 ALPHA = 1

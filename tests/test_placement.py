@@ -14,7 +14,7 @@ import gc
 import pytest
 import torch
 
-from qwenimage_pack.core.layers.offload import module_bytes
+from qwenimage_pack.core.layers.host_memory import module_bytes
 from qwenimage_pack.nodes import placement, runtime
 
 GPU = torch.device("cuda", 0)

@@ -11,7 +11,6 @@ import torch
 
 from qwenimage_pack.core.pipeline import streaming
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
-from qwenimage_pack.core.layers.offload import BlockStreamer as SimpleStreamer
 from qwenimage_pack.core.layers.linear import Linear
 
 LAYERS = 4
@@ -154,20 +153,22 @@ def test_blocks_that_fit():
         streaming.BlockStreamer(blocks, "cpu", "cpu", prefetch=-1)
 
 
-def test_matches_the_simple_streamer():
+def test_placement_streams_a_model_that_does_not_fit(monkeypatch):
+    """Placement's streamed run gives the resident output and leaves every block on the host."""
+    from qwenimage_pack.nodes import placement, runtime
+
     model = _model()
     x, s, ctx = _inputs()
-    with SimpleStreamer(model.transformer_blocks, "cpu", "cpu"), torch.inference_mode():
-        simple = model(x, s, ctx)
-    with streaming.BlockStreamer(model.transformer_blocks, "cpu", "cpu"), torch.inference_mode():
-        ours = model(x, s, ctx)
-    assert torch.equal(simple, ours)
-
-
-def test_placement_uses_the_prefetching_streamer():
-    from qwenimage_pack.nodes import placement
-
-    assert placement.BlockStreamer is streaming.BlockStreamer
+    with torch.inference_mode():
+        resident = model(x, s, ctx)
+    host = _host_ptrs(model)
+    monkeypatch.setattr(runtime, "free_device_memory", lambda device: 0)
+    monkeypatch.setattr(runtime, "warn", lambda message: None)
+    size = sum(t.numel() * t.element_size() for t in model.parameters())
+    with placement._streamed(model, torch.device("cpu"), "transformer_blocks", size), torch.inference_mode():
+        streamed = model(x, s, ctx)
+    assert torch.equal(resident, streamed)
+    assert _host_ptrs(model) == host
 
 
 def test_pinning_is_skipped_when_it_would_crowd_system_memory(monkeypatch, caplog):

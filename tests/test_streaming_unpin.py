@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwenimage_pack.core.layers import host_memory
+from qwenimage_pack.core.layers import file_views, host_memory
 
 from qwenimage_pack.core.pipeline import streaming
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
@@ -52,7 +52,7 @@ def _model_with_file_views(tmp_path):
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for n, m in linears.items():
             m.weight = nn.Parameter(f.get_tensor(n), requires_grad=False)
-            host_memory.keep_file_view(m, "weight")
+            file_views.keep_file_view(m, "weight")
     return model, linears
 
 
@@ -77,7 +77,7 @@ def test_streamer_leaves_no_pinned_copy_behind(tmp_path):
         assert len(pins.copies) - before == len(tensors)  # everything was pinned during the run
         assert not [t for t in tensors if t.data_ptr() in pinned]
         for m in linears.values():  # read unchanged from the file: back on the mapping
-            assert m.weight.data_ptr() == host_memory.file_view(m, "weight").data_ptr()
+            assert m.weight.data_ptr() == file_views.file_view(m, "weight").data_ptr()
         for t in tensors:
             assert t.device.type == "cpu"
     with torch.inference_mode():
@@ -98,7 +98,7 @@ def test_move_to_cpu_unpins(tmp_path, fake_pinned):
     model, linears = _model_with_file_views(tmp_path)
     block = model.transformer_blocks[0]
     lin = block.attn.to_q
-    view = host_memory.file_view(lin, "weight")
+    view = file_views.file_view(lin, "weight")
     lin.weight.data = lin.weight.data.clone()  # a "pinned" copy of a file-backed weight
     bias_before = lin.bias.detach().clone()
     fake_pinned.update({lin.weight.data_ptr(), lin.bias.data_ptr()})  # and of an ordinary one

@@ -3,11 +3,11 @@
 A patch adds ``strength * delta(x)`` after each matmul: two more small matmuls and one more
 read of the activations per Linear per step, several percent of a 1328^2 forward with a
 rank-64 LoRA on every layer. When a weight is a dense float copy of a weight that also sits in
-its file's memory mapping (``host_memory``), the delta can instead be added into that copy once,
+its file's memory mapping (``file_views``), the delta can instead be added into that copy once,
 as diffusers' ``fuse_lora`` does, and taken out exactly by copying the file's values back.
 
-Folded (``Linear.baked``) patches stay attached, so removing or re-weighting a LoRA still goes
-through ``lora.apply_loras``, which restores a layer before its patches change. Weights kept
+Folded (``Linear.folded``) patches stay attached, so removing or re-weighting a LoRA still goes
+through ``lora_patch.apply_loras``, which restores a layer before its patches change. Weights kept
 as float8 or GGUF blocks (folding would mean re-quantizing), converted weights (nothing to
 restore from) and weights that are the file mapping itself (writing would touch the mapping)
 keep the additive patches, as do patches with a bias delta.
@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import host_memory
+from .file_views import file_view
 from .linear import FP8_DTYPES, Linear
 
 _FOLDABLE_KINDS = ("lora", "loha", "lokr", "diff")
 
 
 def _file_view(lin: Linear) -> torch.Tensor | None:
-    view = host_memory.file_view(lin, "weight")
+    view = file_view(lin, "weight")
     w = lin.weight
     if view is None or view.shape != w.shape or view.dtype != w.dtype:
         return None
@@ -47,16 +47,23 @@ def _foldable(patch) -> bool:
     return layer is not None and layer.kind in _FOLDABLE_KINDS and layer.diff_b is None
 
 
-def restore(lin: Linear) -> None:
+def forget(lin: nn.Module) -> None:
+    """``lin``'s weight was replaced by its file's values (moved back to the host): nothing is
+    folded into it any more."""
+    if getattr(lin, "folded", None):
+        lin.folded = {}
+
+
+def restore(lin: nn.Module) -> None:
     """Take every folded patch out of ``lin``'s weight (copy the file's values back)."""
-    if not lin.baked:
+    if not getattr(lin, "folded", None):
         return
     view = _file_view(lin)
     if view is None:  # cannot happen while the invariant holds; never leave a wrong weight silently
         raise RuntimeError(f"a LoRA was folded into a weight that has no file copy to restore ({tuple(lin.weight.shape)})")
     with torch.no_grad():
         lin.weight.data.copy_(view)
-    lin.baked = {}
+    lin.folded = {}
 
 
 @torch.no_grad()
@@ -67,10 +74,10 @@ def fold(module: nn.Module, allow_cpu: bool = False) -> int:
     changed = 0
     for lin in module.modules():
         patches = getattr(lin, "patches", None)
-        if not patches and not getattr(lin, "baked", None):
+        if not patches and not getattr(lin, "folded", None):
             continue
         wanted = {n: p for n, p in patches.items() if _foldable(p)}
-        if wanted == lin.baked or not can_fold(lin, allow_cpu):
+        if wanted == lin.folded or not can_fold(lin, allow_cpu):
             continue
         restore(lin)
         if not wanted:
@@ -81,6 +88,6 @@ def fold(module: nn.Module, allow_cpu: bool = False) -> int:
             d = p.layer.delta_weight(torch.float32, w.device) * p.strength
             delta = d if delta is None else delta.add_(d)
         w.copy_(w.float().add_(delta))  # one rounding, as diffusers' fuse_lora
-        lin.baked = dict(wanted)
+        lin.folded = dict(wanted)
         changed += 1
     return changed

@@ -10,7 +10,6 @@ whatever device the blocks live on, so the same code serves CPU, CUDA and ``torc
 A fused GPU kernel can take over a type through ``register_fused``; the torch path stays the
 reference it must match.
 
-Importing this module registers the kernels in ``linear.DEQUANTIZERS``.
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import linear
 
 QK_K = 256
 
@@ -284,6 +282,12 @@ def register_fused(qtype: int, fn: FusedKernel | None) -> None:
         _FUSED[int(qtype)] = fn
 
 
+def decode_blocks(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """The plain torch kernel of ``qtype``: uint8 ``[n_blocks, type_size]`` -> float32
+    ``[n_blocks, block_size]``, no checks (what compiled kernels trace)."""
+    return _KERNELS[int(qtype)](blocks)
+
+
 def dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype = torch.float32,
                fused: bool = True) -> torch.Tensor:
     """uint8 ``[rows, bytes_per_row]`` blocks of ``qtype`` -> ``[rows, cols]`` of ``dtype``.
@@ -316,7 +320,3 @@ def dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype =
     out = _KERNELS[qtype](blocks.reshape(-1, spec.type_size))
     return out.reshape(rows, cols).to(dtype)
 
-
-for _qtype in SUPPORTED_TYPES:
-    linear.DEQUANTIZERS[_qtype] = dequantize
-del _qtype

@@ -123,17 +123,16 @@ def registered() -> set[tuple[int, int, int]]:
 
 def _eager(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     spec = dequant.GGML_TYPES[qtype]
-    out = dequant._KERNELS[qtype](blocks.reshape(-1, spec.type_size))
+    out = dequant.decode_blocks(blocks.reshape(-1, spec.type_size), qtype)
     return out.reshape(blocks.shape[0], cols).to(dtype)
 
 
 def _build(qtype: int, rows: int, cols: int, dtype: torch.dtype):
     spec = dequant.GGML_TYPES[qtype]
-    kernel = dequant._KERNELS[qtype]
     type_size = spec.type_size
 
     def run(blocks):
-        return kernel(blocks.reshape(-1, type_size)).reshape(rows, cols).to(dtype)
+        return dequant.decode_blocks(blocks.reshape(-1, type_size), qtype).reshape(rows, cols).to(dtype)
 
     # A fresh code object per key: the compiler caches per code object, so keys never evict
     # one another or hit its recompile limit.

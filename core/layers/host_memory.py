@@ -15,30 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-_VIEWS = "_qwenimage_file_views"  # on a module: parameter name -> that parameter's file view
+from . import fold, lora_patch
+from .file_views import file_view_items
 
 
-def keep_file_view(module: nn.Module, name: str, view: torch.Tensor | None = None) -> None:
-    """Remember that ``module``'s parameter ``name`` currently holds its file's own memory
-    (or, given ``view``, that ``view`` holds the same values in host memory: benchmarks).
-
-    Kept on the module, by name: ``Module.to`` may replace Parameter objects (it does when the
-    tensor types differ, or under torch's overwrite-on-conversion switch)."""
-    p = module._parameters.get(name)
-    if view is None and p is not None and p.device.type == "cpu":
-        view = p.data
-    if view is not None:
-        module.__dict__.setdefault(_VIEWS, {})[name] = view
-
-
-def file_view(module: nn.Module, name: str) -> torch.Tensor | None:
-    return module.__dict__.get(_VIEWS, {}).get(name)
-
-
-def forget_file_view(module: nn.Module, name: str) -> None:
-    """``module``'s parameter ``name`` no longer lives in its file (the loader copied it so the
-    file's mapping can close): drop the view, which would keep the mapping alive."""
-    module.__dict__.get(_VIEWS, {}).pop(name, None)
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers, as stored (compact formats count compact)."""
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 def pageable(t: torch.Tensor) -> torch.Tensor:
@@ -55,11 +38,8 @@ def move(module: nn.Module, device) -> None:
     device = torch.device(device)
     if device.type == "cpu":
         # LoRA layers keep copies of their factors on the device they last ran on; they are
-        # not parameters, so module.to would leave them on the GPU. Imported here: lora imports
-        # this module (through lora_bake).
-        from . import lora_patch as lora
-
-        lora.release_device_copies(module)
+        # not parameters, so module.to would leave them on the GPU.
+        lora_patch.release_device_copies(module)
         for mod in module.modules():
             _back_to_file(mod)
             _unpin(mod)
@@ -67,7 +47,7 @@ def move(module: nn.Module, device) -> None:
 
 
 def _back_to_file(mod: nn.Module) -> None:
-    for name, view in mod.__dict__.get(_VIEWS, {}).items():
+    for name, view in file_view_items(mod):
         p = mod._parameters.get(name)
         if p is None or p.shape != view.shape or p.dtype != view.dtype or p.data_ptr() == view.data_ptr():
             continue
@@ -75,8 +55,7 @@ def _back_to_file(mod: nn.Module) -> None:
             p.data = view
         except RuntimeError:  # a tensor kind .data cannot be swapped across: module.to copies it
             continue
-        if getattr(mod, "baked", None):  # LoRAs folded into the dropped copy (lora_bake) left with it
-            mod.baked = {}
+        fold.forget(mod)  # LoRAs folded into the dropped copy left with it
 
 
 def _unpin(mod: nn.Module) -> None:

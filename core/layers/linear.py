@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fp8_matmul
+from .gguf_dequant import dequantize as dequantize_blocks
 from .run_options import DEFAULT, RunOptions
 
 
@@ -37,25 +38,6 @@ class QuantizedTensor(NamedTuple):
 FP8_DTYPES = tuple(
     getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)
 )
-
-# GGUF type id -> fn(blocks_uint8 [rows, bytes], qtype, cols, dtype, fused) -> [rows, cols] tensor.
-# Filled by core.layers.gguf_dequant so this module stays free of format details. ``fused``
-# False: the plain PyTorch kernels even where a fused GPU kernel is registered.
-DEQUANTIZERS: dict[int, Callable[[torch.Tensor, int, int, torch.dtype, bool], torch.Tensor]] = {}
-
-
-def dequantize_rows(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype,
-                    fused: bool = True) -> torch.Tensor:
-    fn = DEQUANTIZERS.get(qtype)
-    if fn is None:
-        # Importing registers the kernels; done lazily so plain models never pay for it.
-        from . import gguf_dequant as dequant  # noqa: F401  (importing registers the kernels)
-
-        fn = DEQUANTIZERS.get(qtype)
-    if fn is None:
-        raise ValueError(f"no dequantizer registered for GGUF type {qtype}")
-    return fn(blocks, qtype, cols, dtype, fused)
-
 
 class _CompactWeight:
     """Mixin: turn whatever is stored in ``self.weight`` into a dense tensor of ``dtype``."""
@@ -93,7 +75,7 @@ class _CompactWeight:
             cols = 1
             for n in self.quant_shape[1:]:
                 cols *= n
-            return dequantize_rows(w, self.quant_type, cols, dtype, fused).reshape(self.quant_shape)
+            return dequantize_blocks(w, self.quant_type, cols, dtype, fused).reshape(self.quant_shape)
         if w.dtype != dtype:
             w = w.to(dtype)
         if self.weight_scale is not None:
@@ -112,8 +94,8 @@ class Linear(_CompactWeight, nn.Linear):
         self._init_compact()
         # name -> patch; a patch is called as patch(x, y) and returns the new y.
         self.patches: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
-        # name -> patch already folded into the weight (lora_bake): skipped in forward.
-        self.baked: dict[str, Callable] = {}
+        # name -> patch already folded into the weight (fold.py): skipped in forward.
+        self.folded: dict[str, Callable] = {}
 
     def add_patch(self, name: str, patch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         self.patches[name] = patch
@@ -128,13 +110,13 @@ class Linear(_CompactWeight, nn.Linear):
 
         ``s * self(x / s) == self(x * s) - (1 - s) * constant_term``: the float16 path
         (mmdit._project) runs on down-scaled inputs and must undo the scale on exactly this part.
-        Folded patches (``baked``) are part of the weight, not added in ``forward``: skipped."""
+        Folded patches (``folded``) are part of the weight, not added in ``forward``: skipped."""
         total = None
         if self.bias is not None:
             total = self.bias.to(device=device, dtype=dtype)
         for name, patch in self.patches.items():
             term = getattr(patch, "constant_term", None)
-            if term is None or self.baked.get(name) is patch:
+            if term is None or self.folded.get(name) is patch:
                 continue
             c = term(dtype, device)
             if c is not None:
@@ -155,7 +137,7 @@ class Linear(_CompactWeight, nn.Linear):
                 b = b.to(device=x.device, dtype=x.dtype)
             y = F.linear(x, w, b)
         for name, patch in self.patches.items():
-            if self.baked.get(name) is not patch:
+            if self.folded.get(name) is not patch:
                 y = patch(x, y)
         return y
 
@@ -172,7 +154,7 @@ class Embedding(_CompactWeight, nn.Embedding):
         dtype = self.compute_dtype or (self.weight.dtype if self.weight.is_floating_point() and self.weight.dtype not in FP8_DTYPES else torch.float32)
         if self.quant_type is not None:
             rows = self.weight.index_select(0, ids.reshape(-1).to(self.weight.device))
-            out = dequantize_rows(rows, self.quant_type, self.embedding_dim, dtype)
+            out = dequantize_blocks(rows, self.quant_type, self.embedding_dim, dtype)
             return out.reshape(*ids.shape, self.embedding_dim)
         rows = F.embedding(ids.to(self.weight.device), self.weight)
         rows = rows.to(dtype)

@@ -15,11 +15,12 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from ..layers import host_memory
+from ..layers import file_views
 from ..keymaps.detect import EXPECTED, detect, mismatch_message
 from ..errors import WeightFileError
 from ..keymaps.mmdit import check_quant_format, parse_quant_config, quant_side_tensors
-from ..layers.linear import FP8_DTYPES, Embedding, Linear, QuantizedTensor, dequantize_rows
+from ..layers.gguf_dequant import dequantize as dequantize_blocks
+from ..layers.linear import FP8_DTYPES, Embedding, Linear, QuantizedTensor
 from ..formats.safetensors_io import WeightSource, is_gguf, open_weights
 
 logger = logging.getLogger(__name__)
@@ -276,12 +277,12 @@ def _assign(model: nn.Module, target: str, value, scale: torch.Tensor | None, fr
     if isinstance(value, QuantizedTensor):
         mod.set_quantized(value.blocks, value.qtype, value.shape)
         if from_file:
-            host_memory.keep_file_view(mod, "weight")
+            file_views.keep_file_view(mod, "weight")
         return
     if attr in mod._parameters:
         mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
         if from_file:
-            host_memory.keep_file_view(mod, attr)
+            file_views.keep_file_view(mod, attr)
     else:
         mod._buffers[attr] = value
     if isinstance(mod, (Linear, Embedding)) and attr == "weight":
@@ -373,7 +374,7 @@ def _own_memory_where_converted(model: nn.Module, vision: dict, usage: dict[Path
             mod = model.get_submodule(mod_name) if mod_name else model
             if attr in mod._parameters:
                 mod._parameters[attr].data = mod._parameters[attr].data.clone()
-                host_memory.forget_file_view(mod, attr)
+                file_views.forget_file_view(mod, attr)
             else:
                 mod._buffers[attr] = mod._buffers[attr].clone()
 
@@ -385,7 +386,7 @@ def _gguf_value(q: QuantizedTensor, compact: bool, policy: _Policy):
     cols = 1
     for n in q.shape[1:]:
         cols *= n
-    dense = dequantize_rows(blocks.reshape(q.shape[0], -1), q.qtype, cols, policy.dense_dtype(torch.float32))
+    dense = dequantize_blocks(blocks.reshape(q.shape[0], -1), q.qtype, cols, policy.dense_dtype(torch.float32))
     return dense.reshape(q.shape), None
 
 

@@ -17,7 +17,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import torch  # noqa: E402
 
-from qwenimage_pack.core.layers.offload import module_bytes  # noqa: E402
+from qwenimage_pack.core.layers.host_memory import module_bytes  # noqa: E402
 from qwenimage_pack.nodes import patcher, placement, runtime  # noqa: E402
 
 GPU = torch.device("meta")

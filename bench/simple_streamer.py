@@ -1,17 +1,13 @@
-"""Run a model whose blocks do not all fit on the GPU: each block visits the GPU for its forward.
+"""The simplest block streamer, kept only as the baseline ``bench_lowvram.py --simple`` compares
+the pack's prefetching streamer (core/pipeline/streaming.py) with.
 
-A simple, always-correct fallback: the non-block weights (embeddings, norms, projections) live on
-the compute device, the repeated blocks live on the offload device and are copied in just before
-they run and dropped right after. Pinned host memory makes the copies asynchronous.
+Each block is copied to the device just before its forward and dropped right after: no
+prefetch, nothing kept resident. Pinned host memory makes the copies asynchronous.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
-
-def module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 class BlockStreamer:

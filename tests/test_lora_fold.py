@@ -1,4 +1,4 @@
-"""LoRAs folded into dense GPU weights (lora_bake) give what diffusers' fuse_lora gives, and
+"""LoRAs folded into dense GPU weights (core/layers/fold.py) give what diffusers' fuse_lora gives, and
 come out exactly when the LoRA changes, is removed, or the model leaves the GPU.
 
 No GPU here: each weight gets a copy in fresh memory standing in for its GPU copy, next to the
@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 
 from test_lora import base, inputs  # noqa: F401  (the LoRA tests' tiny model and inputs, as fixtures)
 from test_lora import diffusers_fused, lora_factors, needs_peft, ours_from, rel_err, run, write_lora
-from qwenimage_pack.core.layers import host_memory
-from qwenimage_pack.core.layers import fold as lora_bake
+from qwenimage_pack.core.layers import file_views, host_memory
+from qwenimage_pack.core.layers import fold
 from qwenimage_pack.core.layers.linear import Linear
-from qwenimage_pack.core.layers.lora_patch import apply_loras, load_lora_file, parse_lora
+from qwenimage_pack.core.layers.lora_patch import apply_loras
+from qwenimage_pack.core.loading.lora import load_lora_file, parse_lora
 
 
 def on_stand_in_gpu(base, tmp_path):
@@ -29,8 +30,8 @@ def on_stand_in_gpu(base, tmp_path):
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for n, m in linears.items():
             m.weight = nn.Parameter(f.get_tensor(f"{n}.weight"), requires_grad=False)
-            host_memory.keep_file_view(m, "weight")
-    views = {n: host_memory.file_view(m, "weight") for n, m in linears.items()}
+            file_views.keep_file_view(m, "weight")
+    views = {n: file_views.file_view(m, "weight") for n, m in linears.items()}
     for m in linears.values():
         m.weight.data = m.weight.data.clone()
     return model, linears, views
@@ -51,8 +52,8 @@ def test_folded_lora_matches_diffusers_fuse_lora(base, inputs, setup):
     apply_loras(model, [(weights, 1.0)])
     additive = run(model, inputs)
     weights.release_device_copies()
-    assert lora_bake.fold(model, allow_cpu=True) == len(weights.layers)
-    assert lora_bake.fold(model, allow_cpu=True) == 0  # already folded: nothing to do
+    assert fold.fold(model, allow_cpu=True) == len(weights.layers)
+    assert fold.fold(model, allow_cpu=True) == 0  # already folded: nothing to do
     folded = run(model, inputs)
     reference = diffusers_fused(base, inputs, path)
     assert rel_err(folded, reference) < 1e-5 and rel_err(folded, additive) < 1e-5
@@ -65,14 +66,14 @@ def test_strength_change_and_removal_restore_exactly(base, inputs, setup):
     model, linears, views, weights, path = setup
     plain = run(model, inputs)
     apply_loras(model, [(weights, 1.0)])
-    lora_bake.fold(model, allow_cpu=True)
+    fold.fold(model, allow_cpu=True)
     apply_loras(model, [(weights, 0.5)])  # restores the changed layers before re-weighting
-    assert all(not m.baked for m in linears.values())
+    assert all(not m.folded for m in linears.values())
     assert all(torch.equal(m.weight, views[n]) for n, m in linears.items())
-    lora_bake.fold(model, allow_cpu=True)
+    fold.fold(model, allow_cpu=True)
     assert rel_err(run(model, inputs), diffusers_fused(base, inputs, path, strength=0.5)) < 1e-5
     apply_loras(model, [])
-    assert all(torch.equal(m.weight, views[n]) and not m.baked for n, m in linears.items())
+    assert all(torch.equal(m.weight, views[n]) and not m.folded for n, m in linears.items())
     assert rel_err(run(model, inputs), plain) < 1e-6  # the weights are bit-exact (above)
 
 
@@ -80,9 +81,9 @@ def test_leaving_the_gpu_drops_the_folded_copy(base, inputs, setup):
     model, linears, views, weights, _ = setup
     apply_loras(model, [(weights, 1.0)])
     additive = run(model, inputs)
-    lora_bake.fold(model, allow_cpu=True)
+    fold.fold(model, allow_cpu=True)
     host_memory.move(model, "cpu")  # what placement does on eviction
-    assert all(m.weight.data_ptr() == views[n].data_ptr() and not m.baked for n, m in linears.items())
+    assert all(m.weight.data_ptr() == views[n].data_ptr() and not m.folded for n, m in linears.items())
     # the patches run again, on the file's weights (same values; BLAS may round differently on other memory)
     assert rel_err(run(model, inputs), additive) < 1e-6
 
@@ -91,14 +92,14 @@ def test_what_is_never_folded(base, inputs, setup):
     model, linears, views, weights, _ = setup
     apply_loras(model, [(weights, 1.0)])
     lin = next(iter(linears.values()))
-    assert lora_bake.fold(model) == 0  # weights on the CPU: only with allow_cpu (tests)
+    assert fold.fold(model) == 0  # weights on the CPU: only with allow_cpu (tests)
     lin.weight.data = views[next(iter(linears))]  # the file view itself: writing would touch the mapping
-    assert not lora_bake.can_fold(lin, allow_cpu=True)
+    assert not fold.can_fold(lin, allow_cpu=True)
     fp8 = Linear(4, 4)
     fp8.weight.data = fp8.weight.data.to(torch.float8_e4m3fn)
-    assert not lora_bake.can_fold(fp8, allow_cpu=True)  # would need re-quantizing
+    assert not fold.can_fold(fp8, allow_cpu=True)  # would need re-quantizing
     converted = Linear(4, 4)  # no file view to restore from
-    assert not lora_bake.can_fold(converted, allow_cpu=True)
+    assert not fold.can_fold(converted, allow_cpu=True)
 
 
 def test_the_sampler_folds_a_resident_models_loras(base, setup, tmp_path, monkeypatch):
@@ -119,8 +120,8 @@ def test_the_sampler_folds_a_resident_models_loras(base, setup, tmp_path, monkey
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
     additive = sampling.sample(handle, positive, latent, seed=3, steps=2, cfg=1.0, device="cpu")
     calls = []
-    fold = lora_bake.fold
-    monkeypatch.setattr(lora_bake, "fold", lambda m: calls.append(fold(m, allow_cpu=True)))
+    real_fold = fold.fold
+    monkeypatch.setattr(fold, "fold", lambda m: calls.append(real_fold(m, allow_cpu=True)))
     folded = sampling.sample(handle, positive, latent, seed=3, steps=2, cfg=1.0, device="cpu")
     assert calls == [len(ours.layers)]
     assert rel_err(folded["samples"], additive["samples"]) < 1e-5
