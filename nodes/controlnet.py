@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from ..core.pipeline import latent_format as lf
 from ..core.models.controlnet import DIFFSYNTH, INSTANTX, AppliedControl, DiffSynthControlNet
-from ..core.loading.controlnet import diffsynth_config, flavour, load_controlnet
+from ..core.keymaps.controlnet import diffsynth_config, flavour
+from ..core.loading.controlnet import load_controlnet
 from . import placement, runtime
 from .handles import VAE_TYPE
 from .latents import vae_dtype

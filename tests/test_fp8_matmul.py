@@ -132,7 +132,7 @@ def test_row_scaling_survives_outlier_tokens():
     assert _rel(row[:1], dense[:1]) < 0.06
 
 
-def test_linear_dispatch():
+def test_float8_matmul_runs_only_when_asked_and_possible_otherwise_exact_dequantize():
     lin = _linear()
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     exact = torch.nn.functional.linear(x, lin.dense_weight(torch.bfloat16), lin.bias)

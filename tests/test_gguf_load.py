@@ -15,9 +15,10 @@ from gguf import MODEL_ARCH, GGMLQuantizationType as T, get_tensor_name_map, qua
 from gguf_writer_util import encode, write_gguf
 from qwenimage_pack.core.errors import WeightFileError
 from qwenimage_pack.core.formats.gguf import (
-    GGUFContents, LazyStringArray, read_gguf, read_header, read_tensors, text_config_from_metadata, vision_config_from_metadata,
+    GGUFContents, LazyStringArray, read_header, read_tensors, text_config_from_metadata, vision_config_from_metadata,
 )
 from qwenimage_pack.core.layers.linear import Embedding, Linear, QuantizedTensor
+from qwenimage_pack.core.loading.gguf import read_gguf
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -380,7 +380,7 @@ def test_gguf_weight_with_lora_equals_dequantized_plus_lora(qname):
         assert rel_err(lin(x), F.linear(x, dense + 0.5 * up @ down, lin.bias)) <= 1e-5
 
 
-def test_summary(base, shapes, tmp_path):
+def test_summary_line_names_file_format_ranks_and_layer_count(base, shapes, tmp_path):
     factors = lora_factors(shapes, 15)
     factors["proj_out"] = (torch.randn(8, shapes["proj_out"][1]), torch.randn(shapes["proj_out"][0], 8))
     path = write_lora(tmp_path, factors, "kohya", alpha=4, name="style.safetensors")

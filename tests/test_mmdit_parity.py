@@ -184,7 +184,7 @@ def test_control_hook_sees_every_block(models):
     assert torch.equal(got, base)
 
 
-def test_bad_inputs_are_named(models):
+def test_wrong_input_shapes_are_refused_by_name(models):
     _, ours = models
     x, sigma, context = _inputs(1, 8, 8)
     with pytest.raises(ValueError, match="x must be"):

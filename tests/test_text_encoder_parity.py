@@ -8,7 +8,7 @@ import torch
 import references as refs
 
 from qwenimage_pack.core.models.text_encoder import QwenTextEncoder, TextEncoderConfig, encode_text
-from qwenimage_pack.core.keymaps.text import convert_text_encoder_keys
+from qwenimage_pack.core.keymaps.text import convert_text_encoder_keys, text_encoder_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,7 +33,7 @@ def build_ours(reference, layout: str = "v5") -> QwenTextEncoder:
         sd = original_layout(sd)
         assert any(k.startswith("model.layers.") for k in sd) and any(k.startswith("visual.") for k in sd)
     language, vision = convert_text_encoder_keys(sd)
-    cfg = TextEncoderConfig.infer_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    cfg = text_encoder_config({k: tuple(v.shape) for k, v in sd.items()})
     ours = QwenTextEncoder(cfg).eval()
     ours.load_state_dict(language, strict=True)
     expected_vision = {k[len("model.visual."):] for k in reference.state_dict() if k.startswith("model.visual.")}
@@ -123,7 +123,7 @@ def test_config_from_hf_and_from_shapes(reference):
         intermediate_size=512,
     )
     shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    assert TextEncoderConfig.infer_from_state_dict(shapes) == tiny
+    assert text_encoder_config(shapes) == tiny
     # transformers 4.x flat config.json of Qwen2.5-VL-7B-Instruct.
     flat = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "hidden_size": 3584, "intermediate_size": 18944,
@@ -153,7 +153,7 @@ def test_prompt_embeds_match_diffusers(reference, ours, tokenizer_dir):
         assert rel_err(got, ref) <= 1e-5
 
 
-def test_key_routing():
+def test_every_text_encoder_key_layout_routes_to_the_language_model_or_vision_tower():
     from qwenimage_pack.core.keymaps.text import is_text_encoder_keys, text_key
 
     assert text_key("model.layers.3.mlp.up_proj.weight") == ("lm", "layers.3.mlp.up_proj.weight")

@@ -1,4 +1,4 @@
-"""GGUF files: header parsing, memory-mapped tensors, and our canonical tensor names.
+"""GGUF files: header parsing, memory-mapped tensors, and what kind of model a file holds.
 
 The header is parsed here rather than with ``gguf.GGUFReader``: that reader turns every
 element of every metadata array into numpy objects while opening, which costs ~9 s on a
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -332,7 +331,8 @@ _EXPECTED = {
 }
 _ARCH_FOR = {"mmdit": ("qwen_image",), "text": ("qwen2vl",), "mmproj": ("clip",)}
 MMPROJ_PROJECTORS = ("qwen2.5vl_merger", "qwen2vl_merger")
-MMDIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+# Where city96 / ComfyUI put the MMDiT inside a file (keymaps/mmdit.py renames them).
+_MMDIT_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.", "transformer.")
 
 
 def _describe(arch: str) -> str:
@@ -345,8 +345,10 @@ def _check_arch(header: GGUFHeader, expect: str) -> str:
     arch = md.get("general.architecture")
     if arch is None:
         # Early city96 conversions carry no architecture; recognise the MMDiT by its tensors.
-        names = {_strip_mmdit_prefix(t.name) for t in header.tensors}
-        if expect == "mmdit" and "txt_norm.weight" in names and any(n.startswith("transformer_blocks.") for n in names):
+        names = [t.name for t in header.tensors]
+        if (expect == "mmdit" and any(n.rpartition("txt_norm.")[0] in _MMDIT_PREFIXES and n.endswith("txt_norm.weight")
+                                      for n in names)
+                and any("transformer_blocks." in n for n in names)):
             return "qwen_image"
         raise WeightFileError(path, "has no general.architecture entry and is not recognisable.", _EXPECTED[expect])
     arch = str(arch)
@@ -363,140 +365,18 @@ def _check_arch(header: GGUFHeader, expect: str) -> str:
     return arch
 
 
-# ---------------------------------------------------------------------------------------
-# Name mapping
+def read_gguf_tensors(path, expect: str) -> GGUFContents:
+    """Open a GGUF file for one of our loaders: its tensors under the file's own names.
 
-def _strip_mmdit_prefix(name: str) -> str:
-    for prefix in MMDIT_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
-
-
-def _text_name(name: str) -> str | None:
-    """llama.cpp (or HF) name -> ours; None for tensors the text encoder does not use."""
-    kind, new = _text_route(name)
-    return new if kind == "lm" else None
-
-
-def _text_route(name: str) -> tuple[str, str]:
-    from ..keymaps.text import text_key
-
-    try:
-        return text_key(name)
-    except ValueError:
-        # Unknown names are passed on unchanged for the loader to report.
-        return "lm", name
-
-
-def _map_text(tensors: dict) -> dict:
-    out = {}
-    for name, t in tensors.items():
-        new = _text_name(name)
-        if new is not None:
-            out[new] = t
-    return out
-
-
-# mmproj: llama.cpp's convert_hf_to_gguf for Qwen2(.5)-VL splits the fused qkv projection
-# into attn_q/k/v and the Conv3d patch embedding into two Conv2d slices (temporal index 0
-# as "v.patch_embd.weight", 1 as "v.patch_embd.weight.1"). Both are undone here.
-_VISION_LAYER = re.compile(r"^v\.blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
-_VISION_LAYER_PARTS_25 = {
-    "attn_qkv": "attn.qkv",
-    "attn_out": "attn.proj",
-    "ln1": "norm1",
-    "ln2": "norm2",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# Qwen2-VL (not 2.5) has a two-layer GELU MLP named fc1/fc2.
-_VISION_LAYER_PARTS_2 = dict(_VISION_LAYER_PARTS_25, ffn_up="mlp.fc1", ffn_down="mlp.fc2")
-_VISION_TOP = {"v.post_ln": "visual.merger.ln_q", "mm.0": "visual.merger.mlp.0", "mm.2": "visual.merger.mlp.2"}
-
-
-def _to_float(t, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if isinstance(t, QuantizedTensor):
-        return dequantize(t.blocks, t.qtype, _numel(t.shape[1:]), dtype).reshape(t.shape)
-    return t
-
-
-def _concat_rows(parts: list) -> torch.Tensor | QuantizedTensor:
-    """Stack q, k, v along rows, keeping blocks when all three share one quantized type."""
-    if all(isinstance(p, QuantizedTensor) for p in parts) and len({(p.qtype, p.shape[1:]) for p in parts}) == 1:
-        blocks = torch.cat([p.blocks for p in parts], dim=0)
-        return QuantizedTensor(blocks, parts[0].qtype, (blocks.shape[0],) + tuple(parts[0].shape[1:]))
-    dense = [_to_float(p) for p in parts]
-    dtype = dense[0].dtype
-    for d in dense[1:]:
-        dtype = torch.promote_types(dtype, d.dtype)
-    return torch.cat([d.to(dtype) for d in dense], dim=0)
-
-
-def _map_mmproj(path: str, tensors: dict, projector: str) -> dict:
-    parts = _VISION_LAYER_PARTS_2 if projector == "qwen2vl_merger" else _VISION_LAYER_PARTS_25
-    out: dict = {}
-    qkv: dict[tuple[str, str], dict[str, Any]] = {}
-    for name, t in tensors.items():
-        if name.startswith("v.patch_embd."):
-            continue
-        m = _VISION_LAYER.match(name)
-        if m:
-            block, part, kind = m.groups()
-            if part in ("attn_q", "attn_k", "attn_v"):
-                qkv.setdefault((block, kind), {})[part] = t
-                continue
-            if part in parts:
-                out[f"visual.blocks.{block}.{parts[part]}.{kind}"] = t
-                continue
-        base, _, kind = name.rpartition(".")
-        if base in _VISION_TOP:
-            out[f"{_VISION_TOP[base]}.{kind}"] = t
-        else:
-            out[name] = t
-    for (block, kind), got in sorted(qkv.items()):
-        missing = [p for p in ("attn_q", "attn_k", "attn_v") if p not in got]
-        if missing:
-            raise WeightFileError(path, f"block {block} lacks v.blk.{block}.{missing[0]}.{kind}.",
-                                  "q, k and v projections for every vision block")
-        out[f"visual.blocks.{block}.attn.qkv.{kind}"] = _concat_rows([got["attn_q"], got["attn_k"], got["attn_v"]])
-    w0, w1 = tensors.get("v.patch_embd.weight"), tensors.get("v.patch_embd.weight.1")
-    if w0 is not None:
-        if w1 is None:
-            raise WeightFileError(path, "has v.patch_embd.weight but not its second temporal slice "
-                                  "v.patch_embd.weight.1.", "both slices of the Conv3d patch embedding")
-        # [out, in, kh, kw] x 2 -> Conv3d weight [out, in, 2, kh, kw]
-        w0, w1 = _to_float(w0), _to_float(w1)
-        dtype = torch.promote_types(w0.dtype, w1.dtype)
-        out["visual.patch_embed.proj.weight"] = torch.stack((w0.to(dtype), w1.to(dtype)), dim=2)
-    if "v.patch_embd.bias" in tensors:
-        out["visual.patch_embed.proj.bias"] = tensors["v.patch_embd.bias"]
-    return out
-
-
-def read_gguf(path, expect: str) -> GGUFContents:
-    """Open a GGUF file for one of our loaders and return its tensors under our names.
-
-    ``expect``: "mmdit" (diffusers QwenImageTransformer2DModel names), "text" (QwenTextEncoder
-    names: ``embed_tokens``, ``layers.N.*``, ``norm``; lm_head dropped) or "mmproj" (HF
-    ``visual.*`` names; best-effort, see ``_map_mmproj``). A file of another kind raises
-    ``WeightFileError`` saying what it is and what was expected.
+    ``expect``: "mmdit", "text" or "mmproj". A file of another kind raises ``WeightFileError``
+    saying what it is and what was expected. The names are the file's (llama.cpp's, city96's);
+    ``loading/gguf.py`` renames them to ours through ``keymaps``.
     """
     if expect not in EXPECT_KINDS:
         raise ValueError(f"expect must be one of {', '.join(EXPECT_KINDS)}, got {expect!r}")
     header = read_header(path)
     arch = _check_arch(header, expect)
-    tensors = read_tensors(header)
-    if expect == "mmdit":
-        tensors = {_strip_mmdit_prefix(n): t for n, t in tensors.items()}
-    elif expect == "text":
-        tensors = _map_text(tensors)
-    else:
-        md = header.metadata
-        projector = md.get("clip.projector_type", md.get("clip.vision.projector_type"))
-        tensors = _map_mmproj(header.path, tensors, projector)
-    return GGUFContents(arch=arch, tensors=tensors, metadata=header.metadata, path=header.path)
+    return GGUFContents(arch=arch, tensors=read_tensors(header), metadata=header.metadata, path=header.path)
 
 
 # ---------------------------------------------------------------------------------------

@@ -166,3 +166,11 @@ def mmdit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
         "num_attention_heads": inner // head_dim,
         "joint_attention_dim": need("txt_norm.weight")[0],
     }
+
+
+def strip_mmdit_prefix(name: str) -> str:
+    """``name`` without the container prefix a GGUF conversion may have put in front."""
+    for prefix in MMDIT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name

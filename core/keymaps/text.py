@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
+from ..models.text_encoder import TextEncoderConfig, default_mrope_sections
+
 LM = "lm"
 VISION = "vision"
 DROP = "drop"
@@ -135,3 +137,60 @@ def is_text_encoder_keys(keys: Iterable[str]) -> bool:
         if kind == LM:
             found.add(new)
     return all(k in found for k in _REQUIRED)
+
+
+def text_encoder_config(shapes: Mapping[str, tuple], head_dim: int = 128) -> TextEncoderConfig:
+    """The text encoder's config from tensor shapes in any layout ``text_key`` knows (logical
+    shapes, not GGUF byte shapes).
+
+    Head counts cannot be read from weights alone; the 7B's 128 is assumed unless given.
+    """
+    ours: dict[str, tuple] = {}
+    for name, shape in shapes.items():
+        try:
+            kind, new = text_key(name)
+        except ValueError:
+            continue
+        if kind == LM:
+            ours[new] = tuple(int(s) for s in shape)
+
+    def shape_of(key: str) -> tuple:
+        if key not in ours:
+            raise ValueError(f"text encoder weights lack {key!r} (after key conversion)")
+        return ours[key]
+
+    vocab, hidden = shape_of("embed_tokens.weight")
+    layer_ids = {int(m.group(1)) for k in ours if (m := re.match(r"layers\.(\d+)\.", k))}
+    if not layer_ids or layer_ids != set(range(len(layer_ids))):
+        raise ValueError(f"text encoder weights: layers are not numbered 0..N-1 (found {sorted(layer_ids)})")
+    q_rows = shape_of("layers.0.self_attn.q_proj.weight")[0]
+    k_rows = shape_of("layers.0.self_attn.k_proj.weight")[0]
+    if q_rows % head_dim or k_rows % head_dim:
+        raise ValueError(
+            f"text encoder weights: q/k projection rows ({q_rows}, {k_rows}) are not multiples of head_dim {head_dim}"
+        )
+    heads = q_rows // head_dim
+    return TextEncoderConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=len(layer_ids),
+        num_heads=heads,
+        num_kv_heads=k_rows // head_dim,
+        head_dim=head_dim,
+        intermediate_size=shape_of("layers.0.mlp.gate_proj.weight")[0],
+        mrope_section=default_mrope_sections(head_dim),
+    )
+
+
+def text_names_from_gguf(tensors: dict) -> dict:
+    """A llama.cpp (or HF-named) text GGUF's tensors under our language-model names; tensors the
+    text encoder does not use are left out, unknown names passed on for the loader to report."""
+    out = {}
+    for name, t in tensors.items():
+        try:
+            kind, new = text_key(name)
+        except ValueError:
+            kind, new = LM, name
+        if kind == LM:
+            out[new] = t
+    return out

@@ -41,7 +41,7 @@ _FP8_SLICE = 1 << 20
 # sources
 
 
-class _GGUFSource:
+class GGUFSource:
     """The tensors of a GGUF file behind the same interface as ``WeightSource``."""
 
     def __init__(self, path: Path, contents):
@@ -72,9 +72,9 @@ class _GGUFSource:
         self._tensors = {}
 
 
-def _read_gguf(path: Path, expect: str):
+def read_gguf_file(path: Path, expect: str):
     try:
-        from ..formats.gguf import read_gguf
+        from .gguf import read_gguf
     except ImportError as e:
         raise WeightFileError(path, f"is a GGUF file, but GGUF support is not available ({e}).",
                               "a .safetensors file, or install the pack completely (the 'gguf' package)") from None
@@ -91,7 +91,7 @@ def _open_source(path, component: str, gguf_expect: str | None):
     if p.is_file() and is_gguf(p):
         if gguf_expect is None:
             raise WeightFileError(p, f"is a GGUF file; the {component} is not loaded from GGUF.", "a .safetensors file")
-        return _GGUFSource(p, _read_gguf(p, gguf_expect))
+        return GGUFSource(p, read_gguf_file(p, gguf_expect))
     return open_weights(p, component=component)
 
 
@@ -99,7 +99,7 @@ def _open_source(path, component: str, gguf_expect: str | None):
 # conversion policy
 
 
-def _as_dtype(value, what: str) -> torch.dtype | None:
+def as_dtype(value, what: str) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
     if isinstance(value, str) and value.lower() in _FLOAT_NAMES:
@@ -108,7 +108,7 @@ def _as_dtype(value, what: str) -> torch.dtype | None:
 
 
 @dataclass
-class _Policy:
+class Policy:
     """How each tensor is stored once loaded."""
 
     weight_dtype: str
@@ -143,10 +143,10 @@ class _Policy:
                 return (t, scale) if fp8 else _quantize_fp8(name, t)
             if self.weight_dtype == "default" and (fp8 or scale is None) and not self.from_gguf:
                 return t, scale
-        return _dense(t, scale, self.dense_dtype(t.dtype)), None
+        return dense(t, scale, self.dense_dtype(t.dtype)), None
 
 
-def _dense(t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def dense(t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if scale is None:
         return t.to(dtype)
     s = scale.to(device=t.device, dtype=torch.float32)
@@ -203,7 +203,7 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 @dataclass
-class _Plan:
+class Plan:
     routes: dict[str, str] = field(default_factory=dict)  # file key -> parameter / buffer name
     vision: dict[str, str] = field(default_factory=dict)  # file key -> name inside the vision tower
     scales: dict[str, str] = field(default_factory=dict)  # file key of a weight -> its scale's key
@@ -211,7 +211,7 @@ class _Plan:
     unexpected: list[str] = field(default_factory=list)
 
 
-def _plan_quant(plan: _Plan, source, path: Path) -> set[str]:
+def plan_quant(plan: Plan, source, path: Path) -> set[str]:
     """Fill in scales and declared formats; returns the side-tensor keys (not parameters)."""
     side = quant_side_tensors(source.keys(), getattr(source, "metadata", None))
     plan.scales = dict(side.scales)
@@ -246,7 +246,7 @@ def _few(names, n: int = 5) -> str:
     return ", ".join(names[:n]) + more
 
 
-def _check_plan(model: nn.Module, plan: _Plan, shapes: dict, path: Path, what: str) -> None:
+def _check_plan(model: nn.Module, plan: Plan, shapes: dict, path: Path, what: str) -> None:
     expected, transient = _state_names(model)
     for key in [k for k, t in plan.routes.items() if t in transient]:
         del plan.routes[key]  # recomputed by the model, whatever the file says
@@ -316,7 +316,7 @@ def _nbytes(raw) -> int:
     return t.numel() * t.element_size()
 
 
-def _stream(model: nn.Module, source, plan: _Plan, policy: _Policy, path: Path) -> dict[str, torch.Tensor]:
+def _stream(model: nn.Module, source, plan: Plan, policy: Policy, path: Path) -> dict[str, torch.Tensor]:
     """Read, convert and assign every planned tensor; returns the vision tensors, if any."""
     vision: dict[str, torch.Tensor] = {}
     device = policy.device
@@ -329,7 +329,7 @@ def _stream(model: nn.Module, source, plan: _Plan, policy: _Policy, path: Path) 
         nbytes = _nbytes(raw)
         compact = target is not None and _is_compact(model, target)
         if isinstance(raw, QuantizedTensor):
-            value, scale = _gguf_value(raw, compact, policy)
+            value, scale = gguf_value(raw, compact, policy)
             from_file = isinstance(value, QuantizedTensor) and value.blocks.data_ptr() == raw.blocks.data_ptr()
         else:
             declared = plan.formats.get(key)
@@ -379,7 +379,7 @@ def _own_memory_where_converted(model: nn.Module, vision: dict, usage: dict[Path
                 mod._buffers[attr] = mod._buffers[attr].clone()
 
 
-def _gguf_value(q: QuantizedTensor, compact: bool, policy: _Policy):
+def gguf_value(q: QuantizedTensor, compact: bool, policy: Policy):
     blocks = q.blocks.to(policy.device)
     if compact:
         return QuantizedTensor(blocks, q.qtype, tuple(q.shape)), None
@@ -390,7 +390,7 @@ def _gguf_value(q: QuantizedTensor, compact: bool, policy: _Policy):
     return dense.reshape(q.shape), None
 
 
-def _finish(model: nn.Module, policy: _Policy, path: Path, what: str) -> None:
+def _finish(model: nn.Module, policy: Policy, path: Path, what: str) -> None:
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise WeightFileError(path, f"did not provide {len(left)} tensors of {what}: {_few(left)}.", f"a complete {what}")
@@ -406,12 +406,12 @@ def _finish(model: nn.Module, policy: _Policy, path: Path, what: str) -> None:
     model.eval()
 
 
-def _load(path, component: str, gguf_expect: str, wanted: str, weight_dtype: str, device, compute_dtype,
+def load_module(path, component: str, gguf_expect: str, wanted: str, weight_dtype: str, device, compute_dtype,
           prepare: Callable, fp8_eligible: Callable[[str], bool]):
     """Shared skeleton; ``prepare(source, found) -> (plan, build)`` where ``build()`` makes the module."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
-    compute_dtype = _as_dtype(compute_dtype, "compute_dtype")
+    compute_dtype = as_dtype(compute_dtype, "compute_dtype")
     device = torch.device(device)
     p = Path(path).expanduser()
     what = EXPECTED[wanted].split(" (")[0]
@@ -427,7 +427,7 @@ def _load(path, component: str, gguf_expect: str, wanted: str, weight_dtype: str
         with _parameters_on_meta():
             model = build()
         _check_plan(model, plan, shapes, p, what)
-        policy = _Policy(weight_dtype, device, compute_dtype, isinstance(source, _GGUFSource), fp8_eligible)
+        policy = Policy(weight_dtype, device, compute_dtype, isinstance(source, GGUFSource), fp8_eligible)
         vision = _stream(model, source, plan, policy, p)
         _finish(model, policy, p, what)
         return model, vision

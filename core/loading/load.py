@@ -26,15 +26,15 @@ from ..errors import WeightFileError
 from ..keymaps.mmdit import find_prefix, mmdit_config_from_shapes, mmdit_key, mmdit_prefix
 from .engine import (  # noqa: F401  (WEIGHT_DTYPES: part of this module's interface)
     WEIGHT_DTYPES,
-    _as_dtype,
-    _dense,
-    _gguf_value,
-    _GGUFSource,
-    _load,
-    _Plan,
-    _plan_quant,
-    _Policy,
-    _read_gguf,
+    as_dtype,
+    dense,
+    gguf_value,
+    GGUFSource,
+    load_module,
+    Plan,
+    plan_quant,
+    Policy,
+    read_gguf_file,
 )
 from ..layers.linear import QuantizedTensor
 from ..formats.safetensors_io import is_gguf, open_weights
@@ -71,8 +71,8 @@ def load_mmdit(path, weight_dtype: str = "default", device="cpu", compute_dtype=
                          f"got {type(config).__name__}")
 
     def prepare(source, found: Detected, shapes, p: Path):
-        plan = _Plan()
-        side = _plan_quant(plan, source, p)
+        plan = Plan()
+        side = plan_quant(plan, source, p)
         prefix = mmdit_prefix(source.keys()) or ""
         for key in source.keys():
             if key in side:
@@ -91,7 +91,7 @@ def load_mmdit(path, weight_dtype: str = "default", device="cpu", compute_dtype=
 
         return plan, lambda: QwenImageMMDiT(cfg)
 
-    model, _ = _load(path, "transformer", "mmdit", "qwen_image_mmdit", weight_dtype, device, compute_dtype,
+    model, _ = load_module(path, "transformer", "mmdit", "qwen_image_mmdit", weight_dtype, device, compute_dtype,
                      prepare, lambda name: name.startswith("transformer_blocks."))
     return model
 
@@ -116,11 +116,11 @@ def load_text_encoder(path, weight_dtype: str = "default", device="cpu", compute
     decoder layers' Linear weights).
     """
     from ..models.text_encoder import QwenTextEncoder, TextEncoderConfig
-    from ..keymaps.text import DROP, VISION, text_key
+    from ..keymaps.text import DROP, VISION, text_encoder_config, text_key
 
     def prepare(source, found: Detected, shapes, p: Path):
-        plan = _Plan()
-        side = _plan_quant(plan, source, p)
+        plan = Plan()
+        side = plan_quant(plan, source, p)
         names = [k for k in source.keys() if k not in side]
         prefix = _text_prefix(names)
         for key in names:
@@ -137,23 +137,23 @@ def load_text_encoder(path, weight_dtype: str = "default", device="cpu", compute
                 plan.routes[key] = new
         ours = {t: shapes[k] for k, t in plan.routes.items()}
         try:
-            if isinstance(source, _GGUFSource):
+            if isinstance(source, GGUFSource):
                 from ..formats.gguf import text_config_from_metadata
 
                 cfg = TextEncoderConfig(**text_config_from_metadata(source.metadata, source.tensors, p))
             elif source.config is not None:
                 cfg = TextEncoderConfig.from_hf_config(source.config)
             else:
-                cfg = TextEncoderConfig.infer_from_state_dict(ours)
+                cfg = text_encoder_config(ours)
         except ValueError as e:
             raise WeightFileError(p, f"does not describe a usable text encoder ({e}).",
                                   EXPECTED["qwen25vl_text_encoder"]) from None
         return plan, lambda: QwenTextEncoder(cfg)
 
-    model, vision = _load(path, "text_encoder", "text", "qwen25vl_text_encoder", weight_dtype, device,
+    model, vision = load_module(path, "text_encoder", "text", "qwen25vl_text_encoder", weight_dtype, device,
                           compute_dtype, prepare, lambda name: name.startswith("layers."))
     if mmproj is not None:
-        vision = _load_mmproj(mmproj, torch.device(device), _as_dtype(compute_dtype, "compute_dtype"))
+        vision = _load_mmproj(mmproj, torch.device(device), as_dtype(compute_dtype, "compute_dtype"))
     return model, (vision or None)
 
 
@@ -161,16 +161,16 @@ def _load_mmproj(path, device: torch.device, compute_dtype: torch.dtype | None) 
     p = Path(path).expanduser()
     if not p.is_file():
         raise WeightFileError(p, "does not exist.", "the Qwen2.5-VL mmproj GGUF next to the text-encoder GGUF")
-    contents = _read_gguf(p, "mmproj")
-    policy = _Policy("default", device, compute_dtype, from_gguf=True)
+    contents = read_gguf_file(p, "mmproj")
+    policy = Policy("default", device, compute_dtype, from_gguf=True)
     out = {}
     for name, t in contents.tensors.items():
         # Same names as the vision tensors of a safetensors file: inside the tower.
         name = name[len("visual."):] if name.startswith("visual.") else name
         if isinstance(t, QuantizedTensor):
-            out[name] = _gguf_value(t, False, policy)[0]
+            out[name] = gguf_value(t, False, policy)[0]
         else:
-            out[name] = _dense(t.to(device), None, policy.dense_dtype(t.dtype)) if t.is_floating_point() else t.to(device)
+            out[name] = dense(t.to(device), None, policy.dense_dtype(t.dtype)) if t.is_floating_point() else t.to(device)
     return out
 
 
@@ -184,16 +184,16 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
     """Load the Wan-2.1 / Qwen-Image VAE (original Wan names, diffusers names or a diffusers
     ``vae/`` folder), every floating tensor stored as ``dtype``."""
     from ..models.vae import VAEConfig, WanVAE
-    from ..keymaps.vae import infer_num_res_blocks, is_diffusers_name, vae_key
+    from ..keymaps.vae import infer_num_res_blocks, is_diffusers_name, vae_config, vae_key
 
-    dtype = _as_dtype(dtype, "dtype") or torch.float32
+    dtype = as_dtype(dtype, "dtype") or torch.float32
     weight_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
     if weight_dtype is None:
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
 
     def prepare(source, found: Detected, shapes, p: Path):
-        plan = _Plan()
-        side = _plan_quant(plan, source, p)
+        plan = Plan()
+        side = plan_quant(plan, source, p)
         names = [k for k in source.keys() if k not in side]
         prefix = (find_prefix(names, "encoder.conv1.weight", _VAE_PREFIXES)
                   or find_prefix(names, "encoder.conv_in.weight", _VAE_PREFIXES)
@@ -213,10 +213,10 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
             except ValueError as e:
                 raise WeightFileError(p, f"has a VAE config this loader cannot use ({e}).", EXPECTED["wan_vae"]) from None
         else:
-            cfg = VAEConfig.infer_from_state_dict(ours, path=p)
+            cfg = vae_config(ours, path=p)
         return plan, lambda: WanVAE(cfg)
 
-    model, _ = _load(path, "vae", None, "wan_vae", weight_dtype, device, None, prepare, lambda name: False)
+    model, _ = load_module(path, "vae", None, "wan_vae", weight_dtype, device, None, prepare, lambda name: False)
     return model
 
 

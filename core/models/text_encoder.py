@@ -6,7 +6,6 @@ hidden state after the final norm, which is what Qwen-Image conditions on.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -15,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .tokenizer import encode_prompt_ids
-from ..keymaps.text import LM, text_key
 from ..layers.linear import FP8_DTYPES, Embedding, Linear
 
 
@@ -76,50 +74,8 @@ class TextEncoderConfig:
         kw["mrope_section"] = tuple(rope.get("mrope_section", cls.mrope_section))
         return cls(**kw)
 
-    @classmethod
-    def infer_from_state_dict(cls, shapes: Mapping[str, tuple], head_dim: int = 128) -> "TextEncoderConfig":
-        """From tensor shapes (any key layout ``keys_text`` knows; logical, not GGUF byte shapes).
 
-        Head counts cannot be read from weights alone; the 7B's 128 is assumed unless given.
-        """
-        ours: dict[str, tuple] = {}
-        for name, shape in shapes.items():
-            try:
-                kind, new = text_key(name)
-            except ValueError:
-                continue
-            if kind == LM:
-                ours[new] = tuple(int(s) for s in shape)
-
-        def shape_of(key: str) -> tuple:
-            if key not in ours:
-                raise ValueError(f"text encoder weights lack {key!r} (after key conversion)")
-            return ours[key]
-
-        vocab, hidden = shape_of("embed_tokens.weight")
-        layer_ids = {int(m.group(1)) for k in ours if (m := re.match(r"layers\.(\d+)\.", k))}
-        if not layer_ids or layer_ids != set(range(len(layer_ids))):
-            raise ValueError(f"text encoder weights: layers are not numbered 0..N-1 (found {sorted(layer_ids)})")
-        q_rows = shape_of("layers.0.self_attn.q_proj.weight")[0]
-        k_rows = shape_of("layers.0.self_attn.k_proj.weight")[0]
-        if q_rows % head_dim or k_rows % head_dim:
-            raise ValueError(
-                f"text encoder weights: q/k projection rows ({q_rows}, {k_rows}) are not multiples of head_dim {head_dim}"
-            )
-        heads = q_rows // head_dim
-        return cls(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_layers=len(layer_ids),
-            num_heads=heads,
-            num_kv_heads=k_rows // head_dim,
-            head_dim=head_dim,
-            intermediate_size=shape_of("layers.0.mlp.gate_proj.weight")[0],
-            mrope_section=_default_sections(head_dim),
-        )
-
-
-def _default_sections(head_dim: int) -> tuple[int, int, int]:
+def default_mrope_sections(head_dim: int) -> tuple[int, int, int]:
     """The 7B's (16, 24, 24) split of head_dim/2 frequencies, scaled to another head size."""
     half = head_dim // 2
     if half == 64:

@@ -3,7 +3,7 @@
 Parameter names and shapes are those of the original Wan checkpoints (``encoder.conv1``,
 ``encoder.downsamples.N.residual.2``, ``decoder.upsamples.N.resample.1``, top-level
 ``conv1`` / ``conv2``, ...), so ``vae/qwen_image_vae.safetensors`` loads strictly as it is;
-diffusers folders are renamed by ``weights.keys_vae.convert_vae_keys``.
+diffusers folders are renamed by ``keymaps/vae.py``.
 
 Only one frame is ever computed. The 3-D causal convolutions keep their 5-D weights, but for a
 single frame the causal zero padding in time means only the last temporal tap of each kernel
@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -23,8 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import WeightFileError
-from ..keymaps.vae import convert_vae_keys
 
 logger = logging.getLogger(__name__)
 
@@ -74,59 +71,6 @@ class VAEConfig:
             z_dim=int(config.get("z_dim", d.z_dim)),
             dim_mult=tuple(config.get("dim_mult", d.dim_mult)),
             num_res_blocks=int(config.get("num_res_blocks", d.num_res_blocks)),
-            temporal_downsample=tuple(temporal),
-        )
-
-    @classmethod
-    def infer_from_state_dict(cls, shapes: Mapping[str, Any], path=None) -> "VAEConfig":
-        """From tensor names -> shapes (or tensors), in either key layout; ``path`` names the file in errors."""
-        s = {k: tuple(getattr(v, "shape", v)) for k, v in convert_vae_keys(shapes).items()}
-        expected = "a Wan-2.1 / Qwen-Image VAE with an encoder (encoder.conv1, encoder.downsamples.N, conv1, conv2)"
-
-        conv_in = s.get("encoder.conv1.weight")
-        if conv_in is None:
-            raise WeightFileError(path, "VAE tensor 'encoder.conv1.weight' is missing.", expected)
-        if len(conv_in) != 5 or conv_in[1] != 3:
-            raise WeightFileError(
-                path, f"'encoder.conv1.weight' has shape {list(conv_in)}.", "a 5-D causal conv [C, 3, 3, 3, 3]"
-            )
-        base = conv_in[0]
-        if "conv2.weight" in s:
-            z_dim = s["conv2.weight"][0]
-        elif "conv1.weight" in s:
-            z_dim = s["conv1.weight"][0] // 2
-        else:
-            raise WeightFileError(path, "VAE tensors 'conv1.weight' / 'conv2.weight' are missing.", expected)
-
-        pattern = re.compile(r"^encoder\.downsamples\.(\d+)\.")
-        indices = sorted({int(m.group(1)) for k in s if (m := pattern.match(k))})
-        if indices != list(range(len(indices))) or not indices:
-            raise WeightFileError(path, f"encoder.downsamples indices are {indices}.", "0, 1, 2, ... without gaps")
-        stages: list[list[int]] = [[]]
-        temporal: list[bool] = []
-        for i in indices:
-            p = f"encoder.downsamples.{i}."
-            if p + "resample.1.weight" in s:
-                temporal.append(p + "time_conv.weight" in s)
-                stages.append([])
-            elif p + "residual.6.weight" in s:
-                stages[-1].append(s[p + "residual.6.weight"][0])
-            else:
-                raise WeightFileError(
-                    path,
-                    f"encoder.downsamples.{i} is neither a residual block nor a resample.",
-                    "the Wan-2.1 VAE layout (attention inside the down path is not supported)",
-                )
-        counts = {len(st) for st in stages}
-        if len(counts) != 1 or 0 in counts or any(st[-1] % base for st in stages):
-            raise WeightFileError(
-                path, f"encoder down path has an irregular structure (channels per stage {stages}).", expected
-            )
-        return cls(
-            base_dim=base,
-            z_dim=z_dim,
-            dim_mult=tuple(st[-1] // base for st in stages),
-            num_res_blocks=len(stages[0]),
             temporal_downsample=tuple(temporal),
         )
 
