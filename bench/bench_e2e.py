@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     sched = common.pack("core.pipeline.schedule")
     fm = common.pack("core.pipeline.sampling")
     latent_format = common.pack("core.pipeline.latent_format")
-    fp8_matmul = common.pack("core.layers.fp8_matmul")
+    fp8_matmul = common.pack("core.quant.fp8_matmul")
     run_options = common.pack("core.layers.run_options")
     print(common.environment(device))
 
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
             options = run_options.RunOptions(fp8_matmul="auto", fp8_on_cpu=args.smoke)
     elif args.weights != "bf16":
         common.to_gguf(model, args.weights)
-        common.pack("core.layers.gguf_kernels").enable()
+        common.pack("core.quant.gguf_kernels").enable()
         common.prepare_fused(model)
     if args.offload:
         text_encoder.to("cpu")

@@ -40,7 +40,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
-    fp8_matmul = common.pack("core.layers.fp8_matmul")
+    fp8_matmul = common.pack("core.quant.fp8_matmul")
     RunOptions = common.pack("core.layers.run_options").RunOptions
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)

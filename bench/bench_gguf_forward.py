@@ -44,8 +44,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
-    dequant_cuda = common.pack("core.layers.gguf_kernels")
-    fused = False if args.no_fused else dequant_cuda.enable()
+    gguf_kernels = common.pack("core.quant.gguf_kernels")
+    fused = False if args.no_fused else gguf_kernels.enable()
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)
     model = common.build_mmdit(cfg, device)

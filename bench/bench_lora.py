@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
         common.to_fp8(model)
     elif args.weights != "bf16":
         common.to_gguf(model, args.weights)
-        common.pack("core.layers.gguf_kernels").enable()
+        common.pack("core.quant.gguf_kernels").enable()
         common.prepare_fused(model)
     common.free(device)
     inputs = common.mmdit_inputs(cfg, args.size, args.batch, args.text_tokens, device)

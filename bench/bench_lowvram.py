@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
     streaming = common.pack("core.pipeline.streaming")
-    fp8_matmul = common.pack("core.layers.fp8_matmul")
+    fp8_matmul = common.pack("core.quant.fp8_matmul")
     RunOptions = common.pack("core.layers.run_options").RunOptions
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke)

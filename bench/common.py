@@ -414,8 +414,8 @@ def profile_miss(args, name: str, fn, device, title: str) -> str | None:
 
 def prepare_fused(model) -> None:
     """Register the model's GGUF weight shapes for the compiled dequantization kernels, where
-    dequant_cuda decides from the model what to compile (``prepare``); no-op otherwise."""
-    prepare = getattr(pack("core.layers.gguf_kernels"), "prepare", None)
+    gguf_kernels decides from the model what to compile (``prepare``); no-op otherwise."""
+    prepare = getattr(pack("core.quant.gguf_kernels"), "prepare", None)
     if prepare is not None:
         prepare(model)
 

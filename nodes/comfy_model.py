@@ -26,7 +26,8 @@ import functools
 
 import torch
 
-from ..core.layers import gguf_kernels as dequant_cuda, lora_patch as lora
+from ..core.layers import lora_patch as lora
+from ..core.quant import gguf_kernels
 from . import placement, runtime
 from .handles import MODEL_TYPE
 from .options import run_options, speed_settings
@@ -132,8 +133,8 @@ def _outer_sample(handle, executor, *args, **kwargs):
     lora.apply_loras(handle.module, [(weights, strength) for _, weights, strength in handle.loras])
     device = runtime.compute_device()
     if device.type == "cuda":
-        dequant_cuda.enable()
-        dequant_cuda.prepare(handle.module)  # this model's GGUF weight shapes get the compiled kernels
+        gguf_kernels.enable()
+        gguf_kernels.prepare(handle.module)  # this model's GGUF weight shapes get the compiled kernels
     with speed_settings(handle, device):
         return executor(*args, **kwargs)
 

@@ -12,7 +12,8 @@ from typing import Iterator
 
 import torch
 
-from ..core.layers import attention, fp8_matmul
+from ..core.layers import attention
+from ..core.quant import fp8_matmul
 from ..core.pipeline import compile as block_compile
 from ..core.layers.run_options import DEFAULT, RunOptions
 from . import runtime

@@ -23,7 +23,7 @@ import torch
 from ..core.layers import host_memory
 from ..core.layers.host_memory import module_bytes
 from ..core.pipeline.streaming import BlockStreamer, blocks_that_fit
-from ..core.layers import gguf_kernels as dequant_cuda
+from ..core.quant import gguf_kernels
 from . import patcher as patchers
 from . import runtime
 
@@ -74,7 +74,7 @@ def on_devices(device: torch.device, *parts):
     if device.type == "cuda":
         # GGUF weights are expanded on the GPU every step: use the compiled kernels there
         # (idempotent; no-op when torch.compile cannot work, or QWENIMAGE_FUSED_DEQUANT=0).
-        dequant_cuda.enable()
+        gguf_kernels.enable()
     if runtime.IN_COMFYUI:
         owners = [_owner(m, blocks) for m, blocks in parts]
         runtime.load_models(owners, memory_required=_HEADROOM if device.type != "cpu" else 0)

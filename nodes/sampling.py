@@ -10,7 +10,8 @@ from ..core.pipeline import latent_format as lf
 from ..core.pipeline import sampling as fm
 from ..core.pipeline import schedule
 from ..core.models.controlnet import step_hook
-from ..core.layers import gguf_kernels as dequant_cuda, fold
+from ..core.layers import fold
+from ..core.quant import gguf_kernels
 from . import controlnet as control_nodes
 from . import placement, runtime
 from .handles import MODEL_TYPE
@@ -241,7 +242,7 @@ def sample(
 
     _sync_loras(model)
     if device.type == "cuda":
-        dequant_cuda.prepare(module)  # this model's GGUF weight shapes get the compiled kernels
+        gguf_kernels.prepare(module)  # this model's GGUF weight shapes get the compiled kernels
     nets = control_nodes.prepared(pos + (neg or []), h, w)
     with placement.on_devices(device, (module, "transformer_blocks"), *[(net, None) for net in nets]) as placed, \
             torch.inference_mode(), speed_settings(model, device) as run_options:

@@ -1,6 +1,6 @@
 """The GPU benchmarks run end to end in --smoke mode (tiny shapes, CPU): proves the scripts
 execute and print their table last. Also the CPU-checkable parts of the GPU fast paths they
-use: the fused-dequantization wrapper (dequant_cuda) and the attention NaN guard.
+use: the fused-dequantization wrapper (gguf_kernels) and the attention NaN guard.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT
 from qwenimage_pack.core.layers import attention
-from qwenimage_pack.core.layers import gguf_dequant as dequant, gguf_kernels as dequant_cuda
+from qwenimage_pack.core.quant import gguf_dequant as dequant, gguf_kernels
 from qwenimage_pack.core.layers.linear import Linear
 
 BENCH = ROOT / "bench"
@@ -67,7 +67,7 @@ def test_gguf_templates_decode_to_sane_weights():
         assert 0 < np.abs(values).max() < 1.0  # about 2 / sqrt(512)
 
 
-# -- fused dequantization (dequant_cuda) ---------------------------------------------------------
+# -- fused dequantization (gguf_kernels) ---------------------------------------------------------
 
 def _q4k_blocks(rows=4, cols=512):
     common = _bench_module("common")
@@ -78,25 +78,25 @@ def _register_q4k():
     """Register _q4k_blocks' shape for compilation, as a model with one such weight would."""
     lin = Linear(512, 4, bias=False, device="meta")
     lin.set_quantized(_q4k_blocks(), 12, (4, 512))
-    assert dequant_cuda.prepare(lin) == 1
+    assert gguf_kernels.prepare(lin) == 1
 
 
 @pytest.fixture
 def fresh_fused():
-    dequant_cuda.reset()
-    old = dequant_cuda.min_elements
-    dequant_cuda.min_elements = 0
+    gguf_kernels.reset()
+    old = gguf_kernels.min_elements
+    gguf_kernels.min_elements = 0
     _register_q4k()
     yield
-    dequant_cuda.min_elements = old
-    dequant_cuda.reset()
-    dequant_cuda.disable()
+    gguf_kernels.min_elements = old
+    gguf_kernels.reset()
+    gguf_kernels.disable()
 
 
 def test_fused_registration_leaves_cpu_alone(fresh_fused, monkeypatch):
     calls = []
-    monkeypatch.setattr(dequant_cuda, "fused_dequantize", lambda *a: calls.append(a))
-    assert dequant_cuda.enable(force=True)
+    monkeypatch.setattr(gguf_kernels, "fused_dequantize", lambda *a: calls.append(a))
+    assert gguf_kernels.enable(force=True)
     raw = _q4k_blocks()
     from gguf import GGMLQuantizationType as T, quants
 
@@ -104,56 +104,56 @@ def test_fused_registration_leaves_cpu_alone(fresh_fused, monkeypatch):
     assert torch.equal(out, torch.from_numpy(quants.dequantize(raw.numpy(), T.Q4_K)))
     assert calls == []  # registered, but CPU tensors never take the fused path
     monkeypatch.setenv("QWENIMAGE_FUSED_DEQUANT", "0")
-    assert not dequant_cuda.available()
+    assert not gguf_kernels.available()
 
 
 def test_fused_compiles_registered_shapes_and_matches(fresh_fused):
     raw = _q4k_blocks()
-    ref = dequant_cuda._eager(raw, 12, 512, torch.bfloat16)
+    ref = gguf_kernels._eager(raw, 12, 512, torch.bfloat16)
     other = raw[:3]  # not a registered weight shape: eager, however often
     for _ in range(2):
-        assert torch.equal(dequant_cuda.fused_dequantize(other, 12, 512, torch.bfloat16), ref[:3])
-    assert not dequant_cuda._compiled
-    second = dequant_cuda.fused_dequantize(raw, 12, 512, torch.bfloat16)  # registered: compiled
-    if dequant_cuda._failed:
+        assert torch.equal(gguf_kernels.fused_dequantize(other, 12, 512, torch.bfloat16), ref[:3])
+    assert not gguf_kernels._compiled
+    second = gguf_kernels.fused_dequantize(raw, 12, 512, torch.bfloat16)  # registered: compiled
+    if gguf_kernels._failed:
         pytest.skip("torch.compile does not work in this environment (the eager fallback was used)")
-    assert dequant_cuda._close(second, ref, torch.bfloat16)
-    assert dequant_cuda._compiled  # and kept for the next call
+    assert gguf_kernels._close(second, ref, torch.bfloat16)
+    assert gguf_kernels._compiled  # and kept for the next call
 
 
 def test_fused_falls_back_on_compiler_errors_and_mismatches(fresh_fused, monkeypatch, caplog):
     raw = _q4k_blocks()
-    ref = dequant_cuda._eager(raw, 12, 512, torch.float32)
+    ref = gguf_kernels._eager(raw, 12, 512, torch.float32)
 
     def broken(*a):
         raise RuntimeError("no triton")
 
-    monkeypatch.setattr(dequant_cuda, "_build", broken)
+    monkeypatch.setattr(gguf_kernels, "_build", broken)
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
-            assert torch.equal(dequant_cuda.fused_dequantize(raw, 12, 512, torch.float32), ref)
-    assert dequant_cuda._failed and sum("unavailable" in r.message for r in caplog.records) == 1
+            assert torch.equal(gguf_kernels.fused_dequantize(raw, 12, 512, torch.float32), ref)
+    assert gguf_kernels._failed and sum("unavailable" in r.message for r in caplog.records) == 1
 
-    dequant_cuda.reset()
+    gguf_kernels.reset()
     _register_q4k()
-    monkeypatch.setattr(dequant_cuda, "_build", lambda *a: (lambda b: torch.zeros(4, 512)))
+    monkeypatch.setattr(gguf_kernels, "_build", lambda *a: (lambda b: torch.zeros(4, 512)))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
-            assert torch.equal(dequant_cuda.fused_dequantize(raw, 12, 512, torch.float32), ref)
+            assert torch.equal(gguf_kernels.fused_dequantize(raw, 12, 512, torch.float32), ref)
     assert sum("differs" in r.message for r in caplog.records) == 1
 
 
 def test_close_tolerates_reordering_not_wrong_values():
     b = torch.randn(1000) * 3
     a = b + b.abs().max() * 2e-7 * torch.randn(1000)
-    assert dequant_cuda._close(a, b, torch.float32)
+    assert gguf_kernels._close(a, b, torch.float32)
     c = b.clone()
     c[5] += 0.01
-    assert not dequant_cuda._close(c, b, torch.float32)
+    assert not gguf_kernels._close(c, b, torch.float32)
     nan = b.clone()
     nan[0] = float("nan")
-    assert not dequant_cuda._close(nan, b, torch.float32)
+    assert not gguf_kernels._close(nan, b, torch.float32)
 
 
 # -- attention NaN guard -----------------------------------------------------------------------

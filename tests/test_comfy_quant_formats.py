@@ -1,4 +1,4 @@
-"""ComfyUI ``comfy_quant`` layers (core/layers/comfy_quant.py) against comfy-kitchen.
+"""ComfyUI ``comfy_quant`` layers (core/quant/comfy_quant.py) against comfy-kitchen.
 
 The reference is comfy-kitchen itself (the library ComfyUI 0.30 quantizes and dequantizes
 with, pinned to its version): random weights are quantized with kitchen's layouts, written the
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from qwenimage_pack.core.layers import comfy_quant as cq
+from qwenimage_pack.core.quant import comfy_quant as cq
 
 ck_tensor = pytest.importorskip("comfy_kitchen.tensor")
 QuantizedTensor = ck_tensor.QuantizedTensor

@@ -24,13 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from qwenimage_pack.core.layers import attention, fp8_matmul, file_views, host_memory
+from qwenimage_pack.core.layers import attention, file_views, host_memory
+from qwenimage_pack.core.quant import fp8_matmul
 from qwenimage_pack.core.pipeline import streaming
 from qwenimage_pack.core.pipeline import compile as block_compile
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
 from qwenimage_pack.core.layers.run_options import RunOptions
 from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
-from qwenimage_pack.core.layers import gguf_dequant as dequant, gguf_kernels as dequant_cuda, fold
+from qwenimage_pack.core.layers import fold
+from qwenimage_pack.core.quant import gguf_dequant as dequant, gguf_kernels
 from qwenimage_pack.core.layers.linear import Linear
 
 STAND_IN = os.environ.get("QWENIMAGE_CUDA_TESTS_ON", "").strip().lower() == "cpu"
@@ -379,39 +381,39 @@ def gguf_cases():
 
 @pytest.fixture
 def compiled_dequant():
-    dequant_cuda.reset()
-    old = dequant_cuda.min_elements
-    dequant_cuda.min_elements = 0
+    gguf_kernels.reset()
+    old = gguf_kernels.min_elements
+    gguf_kernels.min_elements = 0
     yield
-    dequant_cuda.min_elements = old
-    dequant_cuda.reset()
+    gguf_kernels.min_elements = old
+    gguf_kernels.reset()
 
 
 def compiled_result(raw: torch.Tensor, qtype: int, cols: int, dtype) -> torch.Tensor:
     """The compiled kernel's own output, failing if it was abandoned for the eager kernel (a
     compiler error or a mismatch). The shape is registered the way a model's weights are
     (``prepare``); were there no ``prepare``, the second call of a shape compiles."""
-    if hasattr(dequant_cuda, "prepare"):
+    if hasattr(gguf_kernels, "prepare"):
         lin = Linear(cols, raw.shape[0], bias=False)
         lin.set_quantized(raw, qtype, (raw.shape[0], cols))
-        dequant_cuda.prepare(lin)
-    dequant_cuda.fused_dequantize(raw, qtype, cols, dtype)
-    out = dequant_cuda.fused_dequantize(raw, qtype, cols, dtype)
+        gguf_kernels.prepare(lin)
+    gguf_kernels.fused_dequantize(raw, qtype, cols, dtype)
+    out = gguf_kernels.fused_dequantize(raw, qtype, cols, dtype)
     key = (int(qtype), tuple(raw.shape), cols, dtype, raw.device)
-    assert not dequant_cuda._failed, "torch.compile failed: the fused dequantization fell back to eager"
-    assert dequant_cuda._compiled.get(key) not in (None, dequant_cuda._EAGER), \
+    assert not gguf_kernels._failed, "torch.compile failed: the fused dequantization fell back to eager"
+    assert gguf_kernels._compiled.get(key) not in (None, gguf_kernels._EAGER), \
         "the compiled kernel differed from the eager one and was dropped"
     return out.cpu()
 
 
 def assert_bit_exact_or_fma(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
     """Bit-exact is the target; values that differ only as a fused multiply-add can make them
-    differ (``dequant_cuda._close``) are reported as an expected failure, anything else fails."""
+    differ (``gguf_kernels._close``) are reported as an expected failure, anything else fails."""
     same = out.view(torch.int16 if dtype != torch.float32 else torch.int32) == \
         ref.view(torch.int16 if dtype != torch.float32 else torch.int32)
     if bool(same.all()):
         return
-    assert dequant_cuda._close(out, ref, dtype), \
+    assert gguf_kernels._close(out, ref, dtype), \
         f"{int((~same).sum())} of {same.numel()} values wrong, e.g. {out[~same][:4].tolist()} vs {ref[~same][:4].tolist()}"
     pytest.xfail(f"not bit-exact: {int((~same).sum())} of {same.numel()} values differ within FMA rounding")
 

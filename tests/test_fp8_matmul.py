@@ -13,7 +13,7 @@ import torch
 
 import references as refs
 
-from qwenimage_pack.core.layers import fp8_matmul
+from qwenimage_pack.core.quant import fp8_matmul
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
 from qwenimage_pack.core.layers.run_options import RunOptions
 from qwenimage_pack.core.layers.linear import Linear

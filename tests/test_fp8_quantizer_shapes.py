@@ -16,7 +16,7 @@ import logging
 import pytest
 import torch
 
-from qwenimage_pack.core.layers import fp8_matmul
+from qwenimage_pack.core.quant import fp8_matmul
 
 GOOD, BAD = (8, 64), (24, 64)
 

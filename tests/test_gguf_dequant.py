@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants
 
 from gguf_writer_util import ALL_QUANTIZED, QUANTIZABLE, random_blocks
-from qwenimage_pack.core.layers import gguf_dequant as dequant
+from qwenimage_pack.core.quant import gguf_dequant as dequant
 from qwenimage_pack.core.layers.linear import Embedding, Linear
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -361,7 +361,7 @@ def test_fp8_weight_with_lora_equals_dequantized_plus_lora():
 @pytest.mark.parametrize("qname", ["Q8_0", "Q4_0"])
 def test_gguf_weight_with_lora_equals_dequantized_plus_lora(qname):
     gguf = pytest.importorskip("gguf")
-    pytest.importorskip("qwenimage_pack.core.layers.gguf_dequant")
+    pytest.importorskip("qwenimage_pack.core.quant.gguf_dequant")
     import numpy as np
 
     qtype = getattr(gguf.GGMLQuantizationType, qname)

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import references as refs
-from qwenimage_pack.core.layers import attention, fp8_matmul
+from qwenimage_pack.core.layers import attention
+from qwenimage_pack.core.quant import fp8_matmul
 from qwenimage_pack.core.models import mmdit
 from qwenimage_pack.core.pipeline import compile as block_compile
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
 from qwenimage_pack.core.layers.run_options import DEFAULT, RunOptions
-from qwenimage_pack.core.layers import gguf_dequant as dequant
+from qwenimage_pack.core.quant import gguf_dequant as dequant
 from qwenimage_pack.core.layers.linear import Linear
 from qwenimage_pack.nodes import options, sampling
 from qwenimage_pack.nodes.handles import DiffusionModel

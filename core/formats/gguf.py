@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..layers.gguf_dequant import GGML_TYPES, PLAIN_TYPES, SUPPORTED_TYPES, dequantize, supported_type_names, type_name
+from ..quant.gguf_dequant import GGML_TYPES, PLAIN_TYPES, SUPPORTED_TYPES, dequantize, supported_type_names, type_name
 from ..errors import WeightFileError
 from ..layers.linear import QuantizedTensor
 

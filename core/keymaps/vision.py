@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import WeightFileError
-from ..layers.gguf_dequant import dequantize
+from ..quant.gguf_dequant import dequantize
 from ..layers.linear import QuantizedTensor
 
 _VISION_LAYER = re.compile(r"^v\.blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fp8_matmul
-from .gguf_dequant import dequantize as dequantize_blocks
+from ..quant import fp8_matmul
+from ..quant.gguf_dequant import dequantize as dequantize_blocks
 from .run_options import DEFAULT, RunOptions
 
 

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from .attention import BACKENDS
-from .fp8_matmul import SETTINGS as FP8_SETTINGS
+from ..quant.fp8_matmul import SETTINGS as FP8_SETTINGS
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -50,7 +50,7 @@ class RunOptions:
     check its math without a GPU.
     ``fp8_compile``: compile the float8 activation quantizer on CUDA.
     ``fused_dequant``: GGUF weights on a GPU may use the compiled per-shape kernels of
-    ``weights.dequant_cuda`` where registered; False keeps the plain PyTorch kernels (what
+    ``weights.gguf_kernels`` where registered; False keeps the plain PyTorch kernels (what
     torch.compile'd blocks trace)."""
 
     attention: str = "sdpa"

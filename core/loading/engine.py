@@ -19,7 +19,7 @@ from ..layers import file_views
 from ..keymaps.detect import EXPECTED, detect, mismatch_message
 from ..errors import WeightFileError
 from ..keymaps.mmdit import check_quant_format, parse_quant_config, quant_side_tensors
-from ..layers.gguf_dequant import dequantize as dequantize_blocks
+from ..quant.gguf_dequant import dequantize as dequantize_blocks
 from ..layers.linear import FP8_DTYPES, Embedding, Linear, QuantizedTensor
 from ..formats.safetensors_io import WeightSource, is_gguf, open_weights
 

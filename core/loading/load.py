@@ -255,7 +255,7 @@ def inspect_file(path, component: str | None = None) -> FileSummary:
 
 def _gguf_header(p: Path):
     try:
-        from ..layers.gguf_dequant import GGML_TYPES
+        from ..quant.gguf_dequant import GGML_TYPES
         from ..formats.gguf import read_header
     except ImportError as e:
         raise WeightFileError(p, f"is a GGUF file, but GGUF support is not available ({e}).", None) from None

@@ -36,7 +36,6 @@ import torch
 import torch.nn as nn
 
 from . import gguf_dequant as dequant
-from .linear import Linear
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def _weight_shapes(module: nn.Module) -> dict[tuple[int, int, int], int]:
     """(type, rows, cols) of ``module``'s quantized Linear weights -> values per forward."""
     found: dict[tuple[int, int, int], int] = {}
     for m in module.modules():
-        if isinstance(m, Linear) and m.is_quantized:
+        if isinstance(m, nn.Linear) and getattr(m, "quant_type", None) is not None:
             rows = int(m.weight.shape[0])
             cols = 1
             for n in m.quant_shape[1:]:

@@ -82,7 +82,7 @@ Kernel = Callable[[torch.Tensor], torch.Tensor]
 FusedKernel = Callable[[torch.Tensor, int, int, torch.dtype], torch.Tensor]
 
 # qtype -> fused implementation for non-CPU tensors, same signature as ``dequantize`` (without
-# ``fused``). What this process has available (dequant_cuda registers it where CUDA and the
+# ``fused``). What this process has available (gguf_kernels registers it where CUDA and the
 # compiler work), not a per-run switch: a call that wants the torch kernels passes fused=False.
 _FUSED: dict[int, FusedKernel] = {}
 
