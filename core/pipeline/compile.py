@@ -20,7 +20,7 @@ batch of 2 (true CFG) compiles once more; larger batches reuse that graph.
 
 Weight formats and patches are traced as they are: dense float, float8 (expanded in the
 graph), GGUF (the torch dequantization kernels, fused by the compiler: the traced call's options
-say ``fused_dequant=False``, so the separate per-shape kernels of ``dequant_cuda``, whose first-use
+say ``fused_dequant=False``, so the separate per-shape kernels of ``gguf_kernels``, whose first-use
 bookkeeping would make every block graph recompile, are left out of these calls only) and LoRA
 patches.
 Blocks whose patterns differ (a GGUF file mixing quant types per block, a LoRA on some blocks
