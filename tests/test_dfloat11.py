@@ -1,4 +1,4 @@
-"""DFloat11 (core/layers/dfloat11.py) against upstream's own encoder, on the CPU.
+"""DFloat11 (core/quant/dfloat11.py) against upstream's own encoder, on the CPU.
 
 Groups are compressed with ``dfloat11_utils`` from the ``dfloat11`` package exactly as
 ``compress_model`` does (codec, 32-bit length limit, tables, bitstream) and decoded by ours, bit
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import references as refs
-from qwenimage_pack.core.layers import dfloat11 as df11
+from qwenimage_pack.core.quant import dfloat11 as df11
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT, TransformerBlock
 from qwenimage_pack.core.pipeline import compile as block_compile
 from qwenimage_pack.core.pipeline import streaming

@@ -161,7 +161,9 @@ class BlockStreamer:
             self._install(i, self._upload(i))
         for i in self._streamed:
             block = self.blocks[i]
-            self._handles.append(block.register_forward_pre_hook(self._before))
+            # First among the block's pre-hooks: hooks that expand compressed weights (DFloat11)
+            # must find the block's tensors already on the device.
+            self._handles.append(block.register_forward_pre_hook(self._before, prepend=True))
             self._handles.append(block.register_forward_hook(self._after))
         return self
 
