@@ -47,7 +47,8 @@ class QwenImageDiTLoader:
 
     def load(self, model_name, weight_dtype="default", variant="auto", unique_id=None):
         path = runtime.resolve_choice(model_name, "diffusion_models")
-        if variant == "auto":
+        auto = variant == "auto"
+        if auto:
             variant = variant_from_name(Path(model_name).name)
         _free_before_load()
         module = weight_load.load_mmdit(
@@ -56,6 +57,8 @@ class QwenImageDiTLoader:
             device=runtime.offload_device(),
             compute_dtype=runtime.compute_dtype(runtime.compute_device()),
         )
+        if auto and getattr(getattr(module, "config", None), "zero_cond_t", False):
+            variant = "edit-2511"  # the file says so (ComfyUI's __index_timestep_zero__ marker), whatever its name
         set_variant(module, variant)
         fmt = "gguf" if path.suffix.lower() == ".gguf" else _weight_format(module)
         _show_loaded(unique_id, "diffusion_model", model_name, variant=variant, format=fmt)
@@ -86,11 +89,15 @@ def _present(*owners) -> tuple:
 
 
 def _weight_format(module: torch.nn.Module) -> str:
+    """The storage of most weight values: a dtype, or a ComfyUI format name (nvfp4, ...)."""
     counts: dict[str, int] = {}
-    for p in module.parameters():
-        if p.ndim == 2:
-            key = str(p.dtype).replace("torch.", "")
-            counts[key] = counts.get(key, 0) + p.numel()
+    for m in module.modules():
+        p = m._parameters.get("weight")
+        if p is None or p.ndim != 2:
+            continue
+        quant = getattr(m, "comfy_quant", None)
+        key = quant.format if quant is not None else str(p.dtype).replace("torch.", "")
+        counts[key] = counts.get(key, 0) + p.numel()
     return max(counts, key=counts.get) if counts else "unknown"
 
 

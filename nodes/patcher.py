@@ -67,6 +67,8 @@ def _weight_format(layer: nn.Module, weight) -> str | None:
     """The stored format ComfyUI's weight patching would corrupt, or None when it is dense."""
     if getattr(layer, "quant_type", None) is not None:
         return "GGUF"
+    if getattr(layer, "comfy_quant", None) is not None:
+        return f"ComfyUI {layer.comfy_quant.format}"
     if getattr(layer, "weight_scale", None) is not None:
         return "scaled fp8"
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():

@@ -257,10 +257,20 @@ def test_sharded_folder_with_missing_shard(tmp_path):
 def test_unsupported_comfy_quant_format(tmp_path):
     sd = mmdit_state()
     layer = "transformer_blocks.0.attn.to_q"
+    sd[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "nvfp8_future"}'), dtype=torch.uint8)
+    sd[layer + ".weight_scale"] = torch.ones(())
+    path = save(sd, tmp_path / "qwen_image_future.safetensors")
+    refuse(load_mmdit, path, "nvfp8_future", layer, "not support", "nvfp4", "int8_tensorwise")
+
+
+def test_comfy_quant_layer_that_does_not_fit_its_format(tmp_path):
+    """A layer marked nvfp4 whose weight is not nvfp4's packed [out, in/2] uint8."""
+    sd = mmdit_state()
+    layer = "transformer_blocks.0.attn.to_q"
     sd[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
     sd[layer + ".weight_scale"] = torch.ones(())
     path = save(sd, tmp_path / "qwen_image_nvfp4.safetensors")
-    refuse(load_mmdit, path, "nvfp4", "not support")
+    refuse(load_mmdit, path, layer, "nvfp4", "does not fit")
 
 
 def test_missing_and_unexpected_tensors(tmp_path):

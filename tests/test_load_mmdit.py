@@ -283,3 +283,14 @@ def test_gguf_q8_0(ref, inputs, tmp_path):
     summary = inspect_file(path)
     assert summary.kind == "qwen_image_mmdit" and summary.dtypes["Q8_0"] > 0 and summary.layout.startswith("GGUF")
     assert np.isfinite(run_ours(model, *inputs).numpy()).all()
+
+
+def test_edit_2511_marker_turns_on_zero_timestep_references(ref, tmp_path):
+    """ComfyUI's Edit-2511 files carry an empty ``__index_timestep_zero__`` tensor: not a weight,
+    but the variant's switch to condition reference tokens on t=0."""
+    sd = {k: v.bfloat16() for k, v in state(ref).items()}
+    path = tmp_path / "qwen_image_edit_bf16.safetensors"
+    save_file({**sd, "__index_timestep_zero__": torch.tensor([])}, str(path))
+    assert load_mmdit(path).config.zero_cond_t
+    save_file(sd, str(path))
+    assert not load_mmdit(path).config.zero_cond_t

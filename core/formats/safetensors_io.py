@@ -29,6 +29,8 @@ _DTYPES: dict[str, tuple[str, int]] = {
     "BF16": ("bfloat16", 2),
     "F8_E4M3": ("float8_e4m3fn", 1),
     "F8_E5M2": ("float8_e5m2", 1),
+    # Power-of-two block scales (mxfp8): read as their bytes, which is how the layers use them.
+    "F8_E8M0": ("uint8", 1),
     "I64": ("int64", 8),
     "I32": ("int32", 4),
     "I16": ("int16", 2),

@@ -6,9 +6,11 @@ compact weights:
 
 - "scaled fp8" files: ``<layer>.scale_weight`` (per-tensor scale), ``<layer>.scale_input``
   (activation scale, unused here) and a marker tensor ``scaled_fp8``;
-- newer files: ``<layer>.comfy_quant`` (uint8 bytes of a JSON object naming the format) with
-  ``<layer>.weight_scale`` and possibly ``<layer>.input_scale``, or the same per-layer formats
-  in the safetensors metadata entry ``_quantization_metadata``.
+- newer files: ``<layer>.comfy_quant`` (uint8 bytes of a JSON object naming the format), or the
+  same per-layer dicts in the safetensors metadata entry ``_quantization_metadata``. Per-tensor
+  float8 layers (``weight_scale``, ``input_scale``) take the float8 path; the other formats
+  (nvfp4, mxfp8, int8, ConvRot w4a4, w4a8) keep their side tensors (``quant/comfy_quant.py``);
+- Edit-2511 files: an empty ``__index_timestep_zero__`` marker (reference tokens at t=0).
 """
 from __future__ import annotations
 
@@ -20,13 +22,16 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import WeightFileError
+from ..quant import comfy_quant
 
 MMDIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
 QUANT_CONFIG_SUFFIX = ".comfy_quant"
-MARKER_KEYS = ("scaled_fp8",)
+MARKER_KEYS = ("scaled_fp8", "__index_timestep_zero__")
+# ComfyUI's Edit-2511 files carry this empty marker: reference tokens are conditioned on t=0.
+ZERO_COND_T_MARKER = "__index_timestep_zero__"
 
 # comfy_quant format -> storage dtype of the weight; anything else is refused with a message.
 SUPPORTED_QUANT_FORMATS = {
@@ -72,7 +77,7 @@ class QuantSideTensors:
 
     scales: dict[str, str] = field(default_factory=dict)  # weight key -> scale key
     configs: dict[str, str] = field(default_factory=dict)  # weight key -> comfy_quant key
-    meta_formats: dict[str, str] = field(default_factory=dict)  # weight key -> format from metadata
+    meta_configs: dict[str, dict] = field(default_factory=dict)  # weight key -> comfy_quant dict from the header
     ignored: set[str] = field(default_factory=set)  # markers and activation scales
 
     @property
@@ -106,44 +111,39 @@ def quant_side_tensors(names: Iterable[str], metadata: Mapping[str, str] | None 
         except (json.JSONDecodeError, AttributeError):
             layers = {}
         for layer, conf in layers.items():
-            fmt = conf.get("format") if isinstance(conf, dict) else conf
-            if layer + ".weight" in names and isinstance(fmt, str):
-                side.meta_formats[layer + ".weight"] = fmt
+            if layer + ".weight" in names:
+                side.meta_configs[layer + ".weight"] = conf if isinstance(conf, dict) else {"format": conf}
     return side
 
 
-def parse_quant_config(raw: torch.Tensor, key: str, path) -> str:
-    """The format named by a ``comfy_quant`` tensor (uint8 bytes of a JSON object)."""
+def layer_quant(raw, key: str, path) -> comfy_quant.LayerQuant:
+    """What a ``comfy_quant`` entry (uint8 JSON tensor, or the header's dict) says about layer ``key``."""
     try:
-        conf = json.loads(bytes(raw.reshape(-1).to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RuntimeError):
-        raise WeightFileError(path, f"has an unreadable quantization config '{key}'.",
-                              "a comfy_quant entry holding a JSON object") from None
-    fmt = conf.get("format") if isinstance(conf, dict) else conf
-    if not isinstance(fmt, str):
-        raise WeightFileError(path, f"has a quantization config '{key}' without a format.",
-                              "a comfy_quant entry naming its format")
-    return fmt
+        return comfy_quant.parse_layer_config(raw)
+    except ValueError as e:
+        raise WeightFileError(path, f"has a quantized layer '{key}' it cannot describe: {e}.",
+                              f"layers in one of ComfyUI's formats ({', '.join(comfy_quant.SUPPORTED)}), "
+                              "or use a bf16, fp8 or GGUF version of the model") from None
 
 
-def check_quant_format(fmt: str, key: str, path) -> torch.dtype:
-    dtype = SUPPORTED_QUANT_FORMATS.get(fmt)
-    if dtype is None:
-        raise WeightFileError(
-            path, f"uses the quantization format '{fmt}' (layer '{key}'), which this loader does not support.",
-            "per-tensor float8 (float8_e4m3fn / float8_e5m2) weights, or use a bf16, fp8 or GGUF version of the model",
-        )
-    return dtype
+def float8_storage(quant: comfy_quant.LayerQuant) -> torch.dtype | None:
+    """The float8 dtype of a per-tensor float8 layer (kept on the float8 path: scaled matmuls),
+    None for the other formats (kept as ComfyUI stores them, decoded in the layer)."""
+    return SUPPORTED_QUANT_FORMATS.get(quant.format)
 
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+# Qwen-Image-Layered's only extra tensor (an nn.Embedding(2, hidden) added to the timestep embedding).
+LAYERED_KEY = "time_text_embed.addition_t_embedding.weight"
 
 
 def mmdit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
     """A diffusers-style config for the MMDiT whose (prefix-free) tensors have ``shapes``.
 
     Leaves out ``axes_dims_rope`` (a function of the head size the model class knows) and
-    ``zero_cond_t`` (a property of the checkpoint variant, not of its tensors).
+    ``zero_cond_t`` (a property of the checkpoint variant, not of its tensors). A Qwen-Image-Layered
+    file is told by its one extra tensor, ``time_text_embed.addition_t_embedding.weight``: it sets
+    ``use_additional_t_cond`` and ``use_layer3d_rope`` (as ComfyUI's detection does).
     """
     def need(name: str) -> tuple[int, ...]:
         if name not in shapes:
@@ -157,6 +157,10 @@ def mmdit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
         raise ValueError(f"hidden size {inner} is not a multiple of the head size {head_dim}")
     patch = 2
     out_channels = need("proj_out.weight")[0] // (patch * patch)
+    layered = LAYERED_KEY in shapes
+    if layered and tuple(shapes[LAYERED_KEY]) != (2, inner):
+        raise ValueError(f"{LAYERED_KEY} has shape {list(shapes[LAYERED_KEY])}, expected [2, {inner}]")
+    extra = {"use_additional_t_cond": True, "use_layer3d_rope": True} if layered else {}
     return {
         "patch_size": patch,
         "in_channels": in_channels,
@@ -165,6 +169,7 @@ def mmdit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
         "attention_head_dim": head_dim,
         "num_attention_heads": inner // head_dim,
         "joint_attention_dim": need("txt_norm.weight")[0],
+        **extra,
     }
 
 

@@ -8,7 +8,10 @@ Storage kinds, chosen by what is assigned to ``weight``:
 - floating tensor: cast to the activation dtype on use;
 - float8 tensor, with optional ``weight_scale``: ``w.to(dtype) * scale`` on use;
 - uint8 GGUF blocks with ``quant_type`` set (``weight`` has shape ``[rows, bytes_per_row]``,
-  ``quant_shape`` the logical shape): dequantized on the compute device on use.
+  ``quant_shape`` the logical shape): dequantized on the compute device on use;
+- a ComfyUI mixed-precision layer (``set_comfy_quant``: nvfp4, mxfp8, int8, ConvRot w4a4, w4a8)
+  with its side tensors as buffers under the file's names: decoded on the compute device on use
+  (``quant/comfy_quant.py``).
 
 How a call computes (float8 matmuls, which GGUF kernels) is that call's ``RunOptions``
 (``Linear.forward(x, options)``); a call without options gets the defaults.
@@ -21,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import fp8_matmul
+from ..quant import comfy_quant, fp8_matmul
 from ..quant.gguf_dequant import dequantize as dequantize_blocks
 from .run_options import DEFAULT, RunOptions
 
@@ -52,6 +55,10 @@ class _CompactWeight:
         self.register_buffer("weight_scale", None)
         self.quant_type = None
         self.quant_shape = None
+        # A ComfyUI mixed-precision layer (comfy_quant.LayerQuant) and the names of its side
+        # tensors, kept as buffers under the file's own names.
+        self.comfy_quant = None
+        self.comfy_quant_side: tuple[str, ...] = ()
 
     @property
     def is_quantized(self) -> bool:
@@ -67,10 +74,32 @@ class _CompactWeight:
         self.quant_type = int(qtype)
         self.quant_shape = tuple(int(s) for s in shape)
 
+    def set_comfy_quant(self, weight: torch.Tensor, side: dict[str, torch.Tensor], quant, shape: tuple[int, int]) -> None:
+        """Store a ComfyUI mixed-precision layer as its file holds it: ``weight`` packed or
+        quantized, ``side`` its scales (``comfy_quant.SIDE_TENSORS``), ``shape`` the dense
+        ``[out, in]``; decoded on the compute device in ``forward``."""
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = None
+        for name, t in side.items():
+            self.register_buffer(name, t)
+        self.comfy_quant = quant
+        self.comfy_quant_side = tuple(side)
+        self.quant_shape = tuple(int(s) for s in shape)
+
+    def quant_side(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The comfy_quant side tensors, on ``device`` when given."""
+        side = {n: getattr(self, n) for n in self.comfy_quant_side}
+        if device is not None:
+            side = {n: t if t.device == device else t.to(device, non_blocking=True) for n, t in side.items()}
+        return side
+
     def dense_weight(self, dtype: torch.dtype, device: torch.device | None = None, fused: bool = True) -> torch.Tensor:
         w = self.weight
         if device is not None and w.device != device:
             w = w.to(device, non_blocking=True)
+        if self.comfy_quant is not None:
+            out_features, in_features = self.quant_shape
+            return comfy_quant.dequantize(self.comfy_quant, w, self.quant_side(w.device), out_features, in_features, dtype)
         if self.quant_type is not None:
             cols = 1
             for n in self.quant_shape[1:]:
@@ -126,7 +155,7 @@ class Linear(_CompactWeight, nn.Linear):
     def forward(self, x: torch.Tensor, options: RunOptions | None = None) -> torch.Tensor:
         opts = DEFAULT if options is None else options
         y = None
-        if opts.fp8_matmul is not None and self.weight.dtype in FP8_DTYPES:
+        if opts.fp8_matmul is not None and self.weight.dtype in FP8_DTYPES and self.comfy_quant is None:
             # float8 tensor cores, when this call asks and the device has them; None means dequantize.
             y = fp8_matmul.try_linear(x, self.weight, self.weight_scale, self.bias, opts.fp8_matmul,
                                       opts.fp8_on_cpu, opts.fp8_compile)
@@ -135,7 +164,9 @@ class Linear(_CompactWeight, nn.Linear):
             b = self.bias
             if b is not None and (b.dtype != x.dtype or b.device != x.device):
                 b = b.to(device=x.device, dtype=x.dtype)
-            y = F.linear(x, w, b)
+            # nvfp4's pre_quant_scale (AWQ smoothing) is part of the layer; patches see the plain input.
+            x_in = comfy_quant.prepare_input(x, self.quant_side(x.device)) if self.comfy_quant is not None else x
+            y = F.linear(x_in, w, b)
         for name, patch in self.patches.items():
             if self.folded.get(name) is not patch:
                 y = patch(x, y)

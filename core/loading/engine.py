@@ -18,7 +18,8 @@ import torch.nn as nn
 from ..layers import file_views
 from ..keymaps.detect import EXPECTED, detect, mismatch_message
 from ..errors import WeightFileError
-from ..keymaps.mmdit import check_quant_format, parse_quant_config, quant_side_tensors
+from ..keymaps.mmdit import float8_storage, layer_quant, quant_side_tensors
+from ..quant import comfy_quant
 from ..quant.gguf_dequant import dequantize as dequantize_blocks
 from ..layers.linear import FP8_DTYPES, Embedding, Linear, QuantizedTensor
 from ..formats.safetensors_io import WeightSource, is_gguf, open_weights
@@ -207,20 +208,36 @@ class Plan:
     routes: dict[str, str] = field(default_factory=dict)  # file key -> parameter / buffer name
     vision: dict[str, str] = field(default_factory=dict)  # file key -> name inside the vision tower
     scales: dict[str, str] = field(default_factory=dict)  # file key of a weight -> its scale's key
-    formats: dict[str, torch.dtype] = field(default_factory=dict)  # weight key -> declared storage
+    formats: dict[str, torch.dtype] = field(default_factory=dict)  # weight key -> declared float8 storage
+    # weight key -> ComfyUI mixed-precision format kept as stored, and its side tensors' keys
+    layer_quant: dict[str, comfy_quant.LayerQuant] = field(default_factory=dict)
+    quant_side: dict[str, dict[str, str]] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
 
 
 def plan_quant(plan: Plan, source, path: Path) -> set[str]:
-    """Fill in scales and declared formats; returns the side-tensor keys (not parameters)."""
-    side = quant_side_tensors(source.keys(), getattr(source, "metadata", None))
+    """Fill in scales and declared formats; returns the side-tensor keys (not parameters).
+
+    Per-tensor float8 layers stay on the float8 path (scaled matmuls); every other ComfyUI format
+    is kept as stored with its side tensors and decoded inside the layer."""
+    names = set(source.keys())
+    side = quant_side_tensors(names, getattr(source, "metadata", None))
     plan.scales = dict(side.scales)
-    for weight, key in side.configs.items():
-        fmt = parse_quant_config(source.get(key), key, path)
-        plan.formats[weight] = check_quant_format(fmt, weight, path)
-    for weight, fmt in side.meta_formats.items():
-        plan.formats.setdefault(weight, check_quant_format(fmt, weight, path))
-    return side.side_keys
+    side_keys = set(side.side_keys)
+    configs = {weight: source.get(key) for weight, key in side.configs.items()}
+    configs.update(side.meta_configs)  # the header's entry wins over the tensor, as in ComfyUI
+    for weight, raw in configs.items():
+        quant = layer_quant(raw, weight, path)
+        storage = float8_storage(quant)
+        if storage is not None:
+            plan.formats[weight] = storage
+            continue
+        layer = weight[: -len("weight")]
+        plan.scales.pop(weight, None)
+        plan.layer_quant[weight] = quant
+        plan.quant_side[weight] = {s: layer + s for s in comfy_quant.SIDE_TENSORS[quant.format] if layer + s in names}
+        side_keys |= set(plan.quant_side[weight].values())
+    return side_keys
 
 
 def _state_names(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -261,6 +278,13 @@ def _check_plan(model: nn.Module, plan: Plan, shapes: dict, path: Path, what: st
                               f"a complete {what} file (the file may be cut short or of another variant)")
     for key, target in plan.routes.items():
         want, got = tuple(expected[target].shape), tuple(shapes[key])
+        if key in plan.layer_quant:
+            try:  # packed / padded storage: the file's shape must be what this layer's format stores
+                comfy_quant.logical_shape(plan.layer_quant[key], got, *want)
+            except ValueError as e:
+                raise WeightFileError(path, f"quantized tensor '{key}' does not fit the model built from its config "
+                                            f"({e}).", f"tensors matching one {what} configuration") from None
+            continue
         if want != got:
             raise WeightFileError(path, f"tensor '{key}' has shape {list(got)}, but the model built from its config "
                                         f"needs {list(want)}.", f"tensors matching one {what} configuration")
@@ -328,7 +352,9 @@ def _stream(model: nn.Module, source, plan: Plan, policy: Policy, path: Path) ->
         raw = source.get(key)
         nbytes = _nbytes(raw)
         compact = target is not None and _is_compact(model, target)
-        if isinstance(raw, QuantizedTensor):
+        if key in plan.layer_quant:
+            from_file = _assign_comfy_quant(model, source, plan, key, target, raw, policy, path)
+        elif isinstance(raw, QuantizedTensor):
             value, scale = gguf_value(raw, compact, policy)
             from_file = isinstance(value, QuantizedTensor) and value.blocks.data_ptr() == raw.blocks.data_ptr()
         else:
@@ -346,12 +372,43 @@ def _stream(model: nn.Module, source, plan: Plan, policy: Policy, path: Path) ->
         del raw
         file = source[key].file if isinstance(source, WeightSource) else path
         usage.setdefault(file, _FileUse()).add(nbytes, from_file, target, plan.vision.get(key) if target is None else None)
+        if key in plan.layer_quant:
+            continue  # assigned above
         if target is None:
             vision[plan.vision[key]] = value
         else:
             _assign(model, target, value, scale, from_file)
     _own_memory_where_converted(model, vision, usage)
     return vision
+
+
+def _assign_comfy_quant(model: nn.Module, source, plan: Plan, key: str, target: str, raw: torch.Tensor,
+                        policy: Policy, path: Path) -> bool:
+    """One ComfyUI mixed-precision layer: kept as stored (decoded in the layer), or decoded once
+    here when a float dtype was asked for. Returns whether the weight is the file's own memory."""
+    quant = plan.layer_quant[key]
+    mod = model.get_submodule(target.rpartition(".")[0])
+    side = {}
+    for name, side_key in plan.quant_side[key].items():
+        t = source.get(side_key).to(policy.device)
+        side[name] = t.view(torch.uint8) if "e8m0" in str(t.dtype) else t  # E8M0 scales as their bytes
+    try:
+        comfy_quant.check_side(quant, side)
+        weight = raw.to(policy.device)
+        if policy.forced is None:
+            mod.set_comfy_quant(weight, side, quant, (mod.out_features, mod.in_features))
+            from_file = weight.device.type == "cpu" and weight.data_ptr() == raw.data_ptr()
+            if from_file:
+                file_views.keep_file_view(mod, "weight")
+            return from_file
+        dense_value = comfy_quant.dequantize(quant, weight, side, mod.out_features, mod.in_features, policy.forced)
+        if "pre_quant_scale" in side:  # (x * s) @ W.T == x @ (W * s).T: the smoothing moves into the dense weight
+            dense_value = dense_value * side["pre_quant_scale"].to(dense_value.dtype)
+    except ValueError as e:
+        raise WeightFileError(path, f"has a quantized layer '{key}' ({quant.format}) that cannot be decoded: {e}.",
+                              f"layers as ComfyUI writes them ({', '.join(comfy_quant.SUPPORTED)})") from None
+    _assign(model, target, dense_value, None)
+    return False
 
 
 def _own_memory_where_converted(model: nn.Module, vision: dict, usage: dict[Path, _FileUse]) -> None:

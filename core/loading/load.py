@@ -23,7 +23,7 @@ import torch
 
 from ..keymaps.detect import EXPECTED, Detected, detect
 from ..errors import WeightFileError
-from ..keymaps.mmdit import find_prefix, mmdit_config_from_shapes, mmdit_key, mmdit_prefix
+from ..keymaps.mmdit import ZERO_COND_T_MARKER, find_prefix, mmdit_config_from_shapes, mmdit_key, mmdit_prefix
 from .engine import (  # noqa: F401  (WEIGHT_DTYPES: part of this module's interface)
     WEIGHT_DTYPES,
     as_dtype,
@@ -81,8 +81,12 @@ def load_mmdit(path, weight_dtype: str = "default", device="cpu", compute_dtype=
             if target is not None:
                 plan.routes[key] = target
         ours = {t: shapes[k] for k, t in plan.routes.items()}
+        if any(k.rsplit(".", 1)[-1] == ZERO_COND_T_MARKER for k in side) and not isinstance(config, MMDiTConfig):
+            config_values = {"zero_cond_t": True, **(config or {})}
+        else:
+            config_values = config
         try:
-            cfg = _mmdit_config(config, source.config, ours)
+            cfg = _mmdit_config(config_values, source.config, ours)
         except KeyError as e:
             raise WeightFileError(p, f"lacks the MMDiT tensor {e.args[0]!r}.", EXPECTED["qwen_image_mmdit"]) from None
         except ValueError as e:
