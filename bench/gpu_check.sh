@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check (issue 13), run the moment a GPU is lent:
-#   1. CUDA correctness: tests/test_cuda_paths.py (pytest -m cuda), every CUDA path vs a CPU reference;
+#   1. CUDA correctness: tests/test_cuda_paths.py and test_cuda_formats.py (pytest -m cuda), every CUDA path vs a
+#      CPU reference;
 #   2. ComfyUI 0.30 on CUDA: bench/gpu_comfyui.py, default flags (DynamicVRAM) then --disable-dynamic-vram;
 #   3. the speed table: the bench_*.py scripts at full size, ratios from this one run, misses profiled;
 # then bench/gpu_summary.py's table of every check and target, printed last.
@@ -113,7 +114,7 @@ if [ "$DRY" = 1 ]; then
 fi
 
 # -- 1. CUDA correctness ---------------------------------------------------------------------------
-run_step cuda-tests "$OUT/logs/cuda_tests.log" "$PY" -m pytest tests/test_cuda_paths.py -m cuda -v -rA \
+run_step cuda-tests "$OUT/logs/cuda_tests.log" "$PY" -m pytest tests/test_cuda_paths.py tests/test_cuda_formats.py -m cuda -v -rA \
     -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml"
 
 # -- 2. ComfyUI 0.30 on CUDA -----------------------------------------------------------------------
