@@ -13,23 +13,30 @@ from typing import Iterator
 import torch
 
 from ..core.layers import attention
-from ..core.quant import fp8_matmul
+from ..core.quant import fp8_matmul, int8_matmul
 from ..core.pipeline import compile as block_compile
 from ..core.layers.run_options import DEFAULT, RunOptions
 from . import runtime
 from .handles import MODEL_TYPE
 
 FP8_CHOICES = ("off", "auto", "row", "tensor")
+INT8_CHOICES = ("off", "on")
 
 
-def with_speed_options(model, attention_backend: str, fp8: str):
+def with_speed_options(model, attention_backend: str, fp8: str, int8: str = "off"):
     if attention_backend not in attention.BACKENDS:
         raise ValueError(f"attention must be one of {', '.join(attention.BACKENDS)}, got {attention_backend!r}")
     if fp8 not in FP8_CHOICES:
         raise ValueError(f"fp8_matmul must be one of {', '.join(FP8_CHOICES)}, got {fp8!r}")
     if fp8 != "off" and "fp8" not in model.weight_format.lower():
         runtime.warn(f"fp8_matmul only changes float8 weights; {model.name} is {model.weight_format}, so it has no effect")
-    return model.with_options(attention=attention_backend, fp8_matmul=fp8)
+    if int8 not in INT8_CHOICES:
+        raise ValueError(f"int8_matmul must be one of {', '.join(INT8_CHOICES)}, got {int8!r}")
+    if int8 != "off" and "int8" not in model.weight_format.lower():
+        runtime.warn(f"int8_matmul only changes ComfyUI int8 layers; {model.name} is {model.weight_format}, so it has no effect")
+    # int8 is recorded only once someone turned it on (an earlier Speed Options node may have).
+    extra = {"int8_matmul": int8} if int8 != "off" or "int8_matmul" in model.options else {}
+    return model.with_options(attention=attention_backend, fp8_matmul=fp8, **extra)
 
 
 def run_options(model) -> RunOptions:
@@ -43,6 +50,8 @@ def run_options(model) -> RunOptions:
     fp8 = opts.get("fp8_matmul")
     if fp8 is not None:
         changes["fp8_matmul"] = None if fp8 == "off" else fp8
+    if opts.get("int8_matmul") is not None:
+        changes["int8_matmul"] = opts["int8_matmul"] == "on"
     return replace(DEFAULT, **changes) if changes else DEFAULT
 
 
@@ -54,6 +63,9 @@ def speed_settings(model, device: torch.device) -> Iterator[RunOptions]:
     if model.options.get("fp8_matmul", "off") != "off" and not fp8_matmul.device_supports(device):
         runtime.warn(f"fp8_matmul needs float8 tensor cores (RTX 40xx, H100 or newer); {device} has none, "
                      "so the float8 weights are expanded to bf16 as usual")
+    if model.options.get("int8_matmul", "off") != "off" and not int8_matmul.device_supports(device):
+        runtime.warn(f"int8_matmul needs int8 tensor cores (RTX 30xx, A100 or newer); {device} has none, "
+                     "so the int8 weights are decoded to bf16 as usual")
     with block_compile.compiled(model.module, model.options.get("compile")):
         yield options
 
@@ -86,11 +98,19 @@ class QwenImageSpeedOptions:
                                "scales (faster, close to bf16). off: expand the weights to bf16 (exact). row / "
                                "tensor force the activation scaling; auto picks row where the GPU allows it.",
                 }),
-            }
+            },
+            "optional": {
+                "int8_matmul": (list(INT8_CHOICES), {
+                    "default": "off",
+                    "tooltip": "For ComfyUI int8 checkpoints (int8_convrot) on RTX 30xx / A100 or newer: run the "
+                               "matmuls on int8 tensor cores with per-token scales, as ComfyUI does (faster, close "
+                               "to exact). off: decode the weights to bf16 (exact).",
+                }),
+            },
         }
 
-    def apply(self, model, attention, fp8_matmul):  # noqa: A002 - names match the widgets
-        return (with_speed_options(model, attention, fp8_matmul),)
+    def apply(self, model, attention, fp8_matmul, int8_matmul="off"):  # noqa: A002 - names match the widgets
+        return (with_speed_options(model, attention, fp8_matmul, int8_matmul),)
 
 
 NODE_CLASS_MAPPINGS = {"QwenImageSpeedOptions": QwenImageSpeedOptions}

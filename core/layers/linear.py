@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import comfy_quant, fp8_matmul
+from ..quant import comfy_quant, fp8_matmul, int8_matmul
 from ..quant.gguf_dequant import dequantize as dequantize_blocks
 from .run_options import DEFAULT, RunOptions
 
@@ -159,6 +159,9 @@ class Linear(_CompactWeight, nn.Linear):
             # float8 tensor cores, when this call asks and the device has them; None means dequantize.
             y = fp8_matmul.try_linear(x, self.weight, self.weight_scale, self.bias, opts.fp8_matmul,
                                       opts.fp8_on_cpu, opts.fp8_compile)
+        elif opts.int8_matmul and self.comfy_quant is not None:
+            # int8 tensor cores, when this call asks; None means decode the weight.
+            y = int8_matmul.try_linear(x, self.comfy_quant, self.weight, self.weight_scale, self.bias, opts.int8_on_cpu)
         if y is None:
             w = self.dense_weight(x.dtype, x.device, opts.fused_dequant)
             b = self.bias

@@ -50,14 +50,19 @@ class RunOptions:
     check its math without a GPU.
     ``fp8_compile``: compile the float8 activation quantizer on CUDA.
     ``fused_dequant``: GGUF weights on a GPU may use the compiled per-shape kernels of
-    ``weights.gguf_kernels`` where registered; False keeps the plain PyTorch kernels (what
-    torch.compile'd blocks trace)."""
+    ``quant.gguf_kernels`` where registered; False keeps the plain PyTorch kernels (what
+    torch.compile'd blocks trace).
+    ``int8_matmul``: ComfyUI int8 layers run their matmuls on int8 operands where the GPU has int8
+    tensor cores (``quant.int8_matmul``; close to, not equal to, the decoded weight's result);
+    ``int8_on_cpu`` lets it run on the CPU too (tests)."""
 
     attention: str = "sdpa"
     fp8_matmul: str | None = _env_fp8()
     fp8_on_cpu: bool = False
     fp8_compile: bool = _env_flag("QWENIMAGE_FP8_COMPILE", True)
     fused_dequant: bool = True
+    int8_matmul: bool = False
+    int8_on_cpu: bool = False
 
     def __post_init__(self):
         if self.attention not in BACKENDS:
