@@ -90,3 +90,21 @@ def test_a_quantized_linear_in_bf16_on_the_gpu(fmt):
     expected = F.linear(x, ref, lin.bias.float().cpu())
     got = lin(x.to(DEV, torch.bfloat16))
     assert got.dtype == torch.bfloat16 and _rel(got, expected) <= 2e-2
+
+
+@pytest.mark.parametrize("fmt", ["int8_rowwise", "int8_convrot"])
+def test_int8_tensor_core_matmul_against_the_decoded_weight(fmt):
+    """RunOptions.int8_matmul on the GPU: torch._int_mm with per-token activations, against the
+    decoded weight and against the same int8 arithmetic run on the CPU."""
+    from qwenimage_pack.core.layers.run_options import RunOptions
+
+    quant, weight, side, ref = _layer(fmt)
+    lin = Linear(IN, OUT, bias=False, device="meta")
+    lin.set_comfy_quant(weight, side, quant, (OUT, IN))
+    x = torch.randn(77, IN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    on_cpu = lin(x, RunOptions(int8_matmul=True, int8_on_cpu=True))
+    lin.to(DEV)
+    got = lin(x.to(DEV), RunOptions(int8_matmul=True, int8_on_cpu=STAND_IN))
+    assert _rel(got, x.float() @ ref.T) <= 2e-2
+    assert _rel(got, on_cpu) <= 1e-2
+    assert not torch.equal(got.cpu(), lin(x.to(DEV)).cpu())  # the int8 path ran
