@@ -13,6 +13,7 @@ from ..core.models.controlnet import step_hook
 from ..core.layers import fold
 from ..core.quant import gguf_kernels
 from . import controlnet as control_nodes
+from . import lora as lora_nodes
 from . import placement, runtime
 from .handles import MODEL_TYPE
 from .options import speed_settings
@@ -215,6 +216,8 @@ def sample(
     for what, conds in (("positive", pos), ("negative", neg or [])):
         for c in conds:
             _check_context(c, module, what)
+    lora_nodes.check_control_reference(model, any(c.refs for c in pos),
+                                       None if neg is None else all(c.refs for c in neg))
 
     sigmas = schedule.flow_sigmas(steps, shift_mode, shift, schedule.image_seq_len(h, w))
     sigmas = sigmas[schedule.denoise_start(steps, denoise):]

@@ -3,6 +3,8 @@
 LoRA files for the same model come from many trainers, each spelling keys its own way:
 - diffusers / PEFT: ``transformer.<layer>.lora_A.weight`` (``lora_A.default.weight`` when saved
   with the adapter name, ``lora.down.weight`` in old diffusers files), alpha in JSON metadata;
+- DiffSynth-Studio (the union control LoRA): PEFT's ``<layer>.lora_A.default.weight`` with no alpha
+  (scale 1), the trainer's ``pipe.dit.`` prefix removed on save (or left on);
 - kohya / musubi-tuner: ``lora_unet_<layer with dots as underscores>.lora_down.weight`` + ``.alpha``;
 - ComfyUI: ``diffusion_model.<layer>.lora_down.weight`` (the Lightning LoRAs: bare or prefixed
   ``<layer>.lora_down.weight`` / ``lora_up`` / ``alpha``);
@@ -41,6 +43,7 @@ _PREFIXES = (
     "lora_unet_",
     "lora_transformer_",
     "lycoris_",
+    "pipe.dit.",
     "model.",
 )
 
@@ -49,6 +52,7 @@ FORMAT_NAMES = {
     "lycoris": "LyCORIS",
     "comfy": "ComfyUI",
     "diffusers": "diffusers/PEFT",
+    "diffsynth": "DiffSynth/PEFT",
     "bare": "bare-key",
 }
 
@@ -70,6 +74,8 @@ def key_format(key: str) -> str:
         return "lycoris"
     if key.startswith(("diffusion_model.", "model.diffusion_model.")):
         return "comfy"
+    if key.startswith("pipe.dit.") or ".lora_A.default." in key or ".lora_B.default." in key:
+        return "diffsynth"
     if key.startswith(("transformer.", "base_model.model.")) or ".lora_A" in key or ".lora_B" in key:
         return "diffusers"
     return "bare"
@@ -135,3 +141,18 @@ def guess_other_model(paths: Iterable[str]) -> str | None:
 def looks_like_text_encoder(paths: Iterable[str]) -> bool:
     paths = list(paths)
     return bool(paths) and all(any(t in p.lower() for t in _TEXT_ENCODER) for p in paths)
+
+
+# The union control LoRA (DiffSynth "Qwen-Image-In-Context-Control-Union"; ComfyUI's file is
+# qwen_image_union_diffsynth_lora.safetensors) was trained with the control map appended as a
+# reference image and is meaningless without one. Its tensors cannot tell it apart: every
+# DiffSynth-trained Qwen-Image LoRA has the same keys, rank-64 factors, no alpha and no metadata.
+# Only the file name can, so a renamed file is not recognised.
+_UNION_WORDS = ("control", "diffsynth", "context")
+
+
+def is_union_control(lora_name: str) -> bool:
+    """Whether a LoRA's name in the loras folder (subfolders included, as DiffSynth's download
+    ``Qwen-Image-In-Context-Control-Union/model.safetensors``) names the union control LoRA."""
+    name = lora_name.lower()
+    return "union" in name and any(w in name for w in _UNION_WORDS)
