@@ -146,6 +146,7 @@ run_step bench-fp8 "$OUT/logs/bench_fp8.log" "$PY" bench/bench_fp8_forward.py "$
 run_step bench-gguf "$OUT/logs/bench_gguf.log" "$PY" bench/bench_gguf_forward.py "${small[@]}" \
     --json "$OUT/gguf.json" "${outputs[@]}"
 run_step bench-lora "$OUT/logs/bench_lora.log" "$PY" bench/bench_lora.py "${small[@]}" --json "$OUT/lora.json" "${outputs[@]}"
+run_step bench-formats "$OUT/logs/bench_formats.log" "$PY" bench/bench_formats.py "${small[@]}" --json "$OUT/formats.json"
 run_step bench-e2e "$OUT/logs/bench_e2e.log" "$PY" bench/bench_e2e.py "${small[@]}" --steps 4 --cfg 1 --cfg-step 4 \
     --target-s "$e2e_target" --json "$OUT/e2e.json" "${e2e_outputs[@]}"
 

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
 GIB = 1 << 30
 TIMED_OUT = {"124", "137"}
+DF11_TARGET = 1.15  # bench_formats.py
 
 
 def load(out: Path, name: str) -> dict:
@@ -171,6 +172,24 @@ def lora_rows(out: Path) -> list[list[str]]:
     return result
 
 
+def formats_rows(out: Path) -> list[list[str]]:
+    data = load(out, "formats.json")
+    rows, size = rows_of(data), data.get("size", 1328)
+    result = []
+    for key in ("nvfp4", "mxfp8", "int8_convrot", "int8_convrot, int8 tensor cores"):
+        r = rows.get(key, {})
+        result.append([f"ComfyUI {key} layers vs our bf16, {size}^2", "-",
+                       "-" if not r else f"{r['ratio']:.2f}x, rel. err {r.get('rel_err', 0):.2e} vs bf16, "
+                       f"peak {gib(r.get('peak'))}", verdict(r.get("ratio"), None, info=True)])
+    r = rows.get("DFloat11", {})
+    exact = r.get("exact", True)
+    result.append([f"DFloat11 vs our bf16, {size}^2 (bf16 + decode at the measured rate)", f"<= {DF11_TARGET}x",
+                   "-" if not r else f"{r['ratio']:.2f}x, {r.get('decode_values_per_s', 0) / 1e9:.1f} G values/s, "
+                   f"{'bit-exact' if exact else 'NOT bit-exact'}",
+                   verdict(r.get("ratio") if exact else float("inf"), DF11_TARGET) if r else "not measured"])
+    return result
+
+
 def e2e_rows(out: Path) -> list[list[str]]:
     data = load(out, "e2e.json")
     rows = rows_of(data)
@@ -228,7 +247,7 @@ def environment(out: Path) -> str:
 
 def summary(out: Path) -> str:
     checks = ([cuda_tests_row(out), comfyui_row(out, "dynamic"), comfyui_row(out, "static")]
-              + mmdit_rows(out) + fp8_rows(out) + gguf_rows(out) + lora_rows(out) + e2e_rows(out))
+              + mmdit_rows(out) + fp8_rows(out) + gguf_rows(out) + lora_rows(out) + formats_rows(out) + e2e_rows(out))
     missed = sum(1 for r in checks if r[-1] == "MISS")
     unmeasured = sum(1 for r in checks if r[-1] == "not measured")
     lines = [environment(out), "", "GPU check: every check and target (ratios from this run)", ""]

@@ -25,6 +25,7 @@ SCRIPTS = {
     "bench_vae": "VAE decode",
     "bench_lora": "LoRA on the MMDiT",
     "bench_e2e": "End-to-end",
+    "bench_formats": "Compact formats",
 }
 
 
