@@ -17,9 +17,9 @@ TITLE = 30
 # Edit-2509 positive prompt came to cover the negative one. tests/integration/test_frontend.py
 # checks these against the live frontend.
 MIN_HEIGHT = {
-    "Canny": 82, "KSampler": 262, "LoadImage": 326, "MarkdownNote": 88, "ModelSamplingAuraFlow": 58,
+    "Canny": 82, "ImageScaleToMaxDimension": 82, "KSampler": 262, "LoadImage": 326, "MarkdownNote": 88, "ModelSamplingAuraFlow": 58,
     "PreviewImage": 26, "QwenImageAsComfyModel": 26, "QwenImageControlNetApply": 206,
-    "QwenImageControlNetLoader": 82, "QwenImageDiTLoader": 106, "QwenImageEditEncode": 236,
+    "QwenImageControlNetLoader": 82, "QwenImageControlReference": 90, "QwenImageDiTLoader": 106, "QwenImageEditEncode": 236,
     "QwenImageEmptyLatent": 130, "QwenImageInpaintMask": 46, "QwenImageLoraLoader": 82, "QwenImageMatchSize": 46,
     "QwenImageSampler": 286, "QwenImageSpeedOptions": 82, "QwenImageTextEncode": 88,
     "QwenImageTextEncoderLoader": 106, "QwenImageTorchCompile": 82, "QwenImageVAEDecode": 78,

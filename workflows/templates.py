@@ -28,4 +28,6 @@ TEMPLATES = [
      "A lighter ControlNet: DiffSynth's model patch on a canny map."),
     ("qwen_image_controlnet_inpaint", "Qwen-Image: ControlNet inpainting",
      "Repaint a masked area with InstantX's inpainting ControlNet."),
+    ("qwen_image_union_control_lora", "Qwen-Image: union control LoRA",
+     "Any control map (canny, depth, pose) through one LoRA, as a reference latent."),
 ]

@@ -54,5 +54,10 @@ export const TEMPLATE_INFO = Object.freeze([
     "name": "qwen_image_controlnet_inpaint",
     "title": "Qwen-Image: ControlNet inpainting",
     "description": "Repaint a masked area with InstantX's inpainting ControlNet."
+  },
+  {
+    "name": "qwen_image_union_control_lora",
+    "title": "Qwen-Image: union control LoRA",
+    "description": "Any control map (canny, depth, pose) through one LoRA, as a reference latent."
   }
 ]);

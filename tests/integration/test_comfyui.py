@@ -83,6 +83,14 @@ def plan(prompt: dict, files: dict, object_info: dict, picture: Path):
             if "aspect_ratio" in node["inputs"]:
                 args += ["--set", f"{node_id}.aspect_ratio=custom"]
             size = (WIDTH, HEIGHT)
+    for node_id, node in prompt.items():
+        if node["class_type"] == "ImageScaleToMaxDimension":
+            # Small, not 1328: the control map then sets an output of round(side * scale),
+            # cropped to multiples of 8 by the VAE encode (Control Reference).
+            largest = 120
+            args += ["--set", f"{node_id}.largest_size={largest}"]
+            scale = largest / max(PICTURE_SIZE)
+            size = tuple(round(side * scale) // 8 * 8 for side in PICTURE_SIZE)
     if any(n["class_type"] == "LoadImage" for n in prompt.values()):
         args += ["--image", str(picture)]
     return args, size

@@ -6,13 +6,17 @@ T2I_PROMPT = (
     "by the door that reads \"Qwen-Image Books & Tea\", people reading by the window, cinematic, highly detailed."
 )
 
+QWEN_2512 = "qwen_image_2512_fp8_e4m3fn.safetensors"  # the December 2025 model: same architecture, same nodes
+MODELS = {QWEN_2512: ("https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/diffusion_models/"
+                      f"{QWEN_2512}", "diffusion_models")}
+
 T2I_NOTE = """## Qwen-Image text to image
 
 **Files** (put them in these ComfyUI folders):
 
 | folder | file |
 |---|---|
-| models/diffusion_models | qwen_image_fp8_e4m3fn.safetensors (20 GB) or qwen_image_bf16.safetensors, or a GGUF such as qwen-image-Q4_K_M.gguf |
+| models/diffusion_models | qwen_image_fp8_e4m3fn.safetensors (20 GB) or qwen_image_bf16.safetensors, or a GGUF such as qwen-image-Q4_K_M.gguf; Qwen-Image-2512 (qwen_image_2512_fp8_e4m3fn.safetensors) loads the same way |
 | models/text_encoders | qwen_2.5_vl_7b_fp8_scaled.safetensors (or qwen_2.5_vl_7b.safetensors) |
 | models/vae | qwen_image_vae.safetensors |
 
@@ -41,11 +45,12 @@ def speed_nodes(model: tuple, fp8_matmul: str, ids: tuple = (11, 12)) -> list[No
     ]
 
 
-def t2i_graph(model_name: str, note: str, prefix: str) -> list[Node]:
-    """The official text-to-image graph around the diffusion model file ``model_name``."""
+def t2i_graph(model_name: str, note: str, prefix: str, also: tuple = ()) -> list[Node]:
+    """The official text-to-image graph around the diffusion model file ``model_name`` (``also``:
+    other files the loader is offered, listed with their download links)."""
     fp8 = "auto" if "fp8" in model_name else "off"
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": model_name, "weight_dtype": "default", "variant": "auto"}, models=[model_name]),
+        Node(1, "QwenImageDiTLoader", {"model_name": model_name, "weight_dtype": "default", "variant": "auto"}, models=[model_name, *also]),
         Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"}, models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
         Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, models=["qwen_image_vae.safetensors"]),
         Node(4, "QwenImageTextEncode", {"prompt": T2I_PROMPT}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 200), title="Positive prompt"),
@@ -63,7 +68,7 @@ def t2i_graph(model_name: str, note: str, prefix: str) -> list[Node]:
 
 
 def t2i() -> list[Node]:
-    return t2i_graph("qwen_image_fp8_e4m3fn.safetensors", T2I_NOTE, "qwen-image")
+    return t2i_graph("qwen_image_fp8_e4m3fn.safetensors", T2I_NOTE, "qwen-image", also=(QWEN_2512,))
 
 
 WORKFLOWS = {"qwen_image_t2i": t2i}
