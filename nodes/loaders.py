@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..core.loading import load as weight_load
+from ..core.quant.dfloat11 import DF11Group
 from . import comfy_model, placement, runtime
 from .handles import MODEL_TYPE, TEXT_ENCODER_TYPE, VAE_TYPE, VARIANTS, VAE, DiffusionModel, TextEncoder, variant_from_name
 
@@ -29,7 +30,7 @@ class QwenImageDiTLoader:
     FUNCTION = "load"
     DESCRIPTION = (
         "Loads a Qwen-Image diffusion model (Qwen-Image, 2512, Edit, Edit-2509, Edit-2511) from "
-        "models/diffusion_models: bf16/fp16/fp8 safetensors, a diffusers transformer folder, or GGUF."
+        "models/diffusion_models: bf16/fp16/fp8 safetensors, a diffusers transformer folder, a DFloat11 folder, or GGUF."
     )
 
     @classmethod
@@ -37,7 +38,7 @@ class QwenImageDiTLoader:
         return {
             "required": {
                 "model_name": (runtime.file_choices("diffusion_models"), {"tooltip": "File in models/diffusion_models (or unet)."}),
-                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How weights are kept in memory. 'default' keeps the file's format; fp8_e4m3fn halves a bf16 file's memory (per-tensor scaled)."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How weights are kept in memory. 'default' keeps the file's format (the only choice for DFloat11, which stays compressed); fp8_e4m3fn halves a bf16 file's memory (per-tensor scaled)."}),
             },
             "optional": {
                 "variant": (list(VARIANTS), {"default": "auto", "tooltip": "auto reads the file name (edit, 2509, 2511). Edit-2511 needs its zero-timestep reference conditioning."}),
@@ -92,6 +93,9 @@ def _weight_format(module: torch.nn.Module) -> str:
     """The storage of most weight values: a dtype, or a ComfyUI format name (nvfp4, ...)."""
     counts: dict[str, int] = {}
     for m in module.modules():
+        if isinstance(m, DF11Group):  # a block's compressed weights
+            counts["dfloat11"] = counts.get("dfloat11", 0) + m.n
+            continue
         p = m._parameters.get("weight")
         if p is None or p.ndim != 2:
             continue

@@ -71,6 +71,8 @@ def _weight_format(layer: nn.Module, weight) -> str | None:
         return f"ComfyUI {layer.comfy_quant.format}"
     if getattr(layer, "weight_scale", None) is not None:
         return "scaled fp8"
+    if isinstance(weight, torch.Tensor) and weight.is_meta:  # expanded only while its block runs
+        return "DFloat11"
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         return "quantized"
     return None

@@ -7,7 +7,8 @@ dequantized weights; every GGUF type through the compiled dequantization kernels
 the prefetching block streamer (streams, events, pinned and unpinned host copies) vs the
 resident model; LoRA folding into GPU weights and the exact restore from the file; compiled
 blocks vs eager; each attention backend vs SDPA; tiled VAE decode vs untiled, and the tiled
-fallback on a real out-of-memory error.
+fallback on a real out-of-memory error; DFloat11 blocks decoded on the device (bit-exact with the
+CPU, resident and streamed, eager and compiled; needs the dfloat11 package's encoder).
 
 ``QWENIMAGE_CUDA_TESTS_ON=cpu`` runs the same checks on the CPU (where they can run at all): a
 way to debug this file without a GPU, not a substitute for the GPU run.
@@ -349,6 +350,44 @@ def test_vae_decode_auto_falls_back_to_tiles_on_a_real_out_of_memory(vae, caplog
     assert rel(auto, tiled) < 1e-3
 
 
+# -- DFloat11: blocks whose weights are decoded on the device just before they run ----------------
+
+@pytest.fixture(scope="module")
+def df11_models():
+    """``tiny_mmdit`` in bf16 with every block compressed by the dfloat11 package's encoder
+    (tests/test_dfloat11.py's ``compress``; skipped without the package), and the plain model."""
+    encoder = pytest.importorskip("test_dfloat11")
+    from qwenimage_pack.core.quant import dfloat11 as df11
+
+    plain = tiny_mmdit(2).to(torch.bfloat16)
+    model = copy.deepcopy(plain)
+    for block in model.transformer_blocks:
+        layout = df11.layout_of(block, encoder.QWEN_PATTERN)
+        df11.attach(block, df11.DF11Group(encoder.compress([block.get_submodule(n).weight for n, _ in layout]), layout))
+    return model, plain
+
+
+def test_dfloat11_decodes_on_the_device_bit_exactly_resident_and_streamed(df11_models, caplog, monkeypatch):
+    from qwenimage_pack.core.quant import dfloat11 as df11
+
+    model, plain = df11_models
+    group = model.transformer_blocks[0].df11
+    cpu, dev = group.decode_flat(check=True), group.decode_flat(device=DEV, check=True)
+    assert dev.device.type == DEV.type and torch.equal(dev.cpu().view(torch.int16), cpu.view(torch.int16))
+    args = inputs(dtype=torch.bfloat16)
+    ref = forward(copy.deepcopy(plain).to(DEV), args)
+    assert torch.equal(forward(copy.deepcopy(model).to(DEV), args), ref)  # compressed tensors on the device
+    streamed = copy.deepcopy(model)
+    for name, child in streamed.named_children():
+        if name != "transformer_blocks":
+            child.to(DEV)
+    monkeypatch.setattr(df11, "_warned_copy", False)
+    with caplog.at_level(logging.WARNING), streaming.BlockStreamer(streamed.transformer_blocks, DEV, "cpu", prefetch=1):
+        out = forward(streamed, args)
+    assert torch.equal(out, ref)
+    assert not any("copied for each decode" in r.message for r in caplog.records)  # decoded from the upload
+
+
 # The compiling checks come last: were the step's time limit reached, only they would be lost.
 
 # -- torch.compile of the blocks ---------------------------------------------------------------
@@ -449,3 +488,15 @@ def test_compiled_dequant_half_output_is_the_reference_rounded_once(compiled_deq
     ref = torch.from_numpy(quants.dequantize(raw, qtype).reshape(rows, -1)).to(torch.bfloat16)
     out = compiled_result(torch.from_numpy(raw).to(DEV), int(qtype), per_row * block, torch.bfloat16)
     assert_bit_exact_or_fma(out, ref, torch.bfloat16)
+
+
+def test_dfloat11_compiled_decode_equals_eager(df11_models, monkeypatch):
+    from qwenimage_pack.core.quant import dfloat11 as df11
+
+    monkeypatch.setattr(df11, "_compiled", None)
+    monkeypatch.setattr(df11, "_compile_failed", False)
+    group = copy.deepcopy(df11_models[0].transformer_blocks[0].df11).to(DEV)
+    eager = group.decode_flat(check=True)
+    compiled = group.decode_flat(check=True, compiled=True)
+    assert not df11._compile_failed, "torch.compile of the DFloat11 decoder failed: it decodes eagerly"
+    assert torch.equal(compiled.view(torch.int16), eager.view(torch.int16))

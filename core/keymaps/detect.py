@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from .dfloat11 import is_dfloat11
+
 QWEN_KINDS = ("qwen_image_mmdit", "qwen25vl_text_encoder", "wan_vae", "qwen_image_controlnet")
 
 FRIENDLY = {
@@ -36,11 +38,13 @@ FRIENDLY = {
 # What each loader wants, in words a user can act on.
 EXPECTED = {
     "qwen_image_mmdit": "a Qwen-Image MMDiT (qwen_image_bf16.safetensors, qwen_image_fp8_e4m3fn.safetensors, "
-                        "a qwen-image GGUF or a diffusers transformer/ folder)",
+                        "a qwen-image GGUF, a diffusers transformer/ folder or a DFloat11 folder)",
     "qwen25vl_text_encoder": "the Qwen2.5-VL-7B text encoder (qwen_2.5_vl_7b.safetensors, "
                              "qwen_2.5_vl_7b_fp8_scaled.safetensors, a Qwen2.5-VL-7B GGUF or a diffusers text_encoder/ folder)",
-    "wan_vae": "the Qwen-Image VAE (qwen_image_vae.safetensors or a diffusers vae/ folder)",
-    "qwen_image_controlnet": "a Qwen-Image ControlNet (InstantX Qwen-Image-ControlNet-Union/-Inpainting or a DiffSynth patch)",
+    "wan_vae": "the Qwen-Image VAE (qwen_image_vae.safetensors, qwen_image_layered_vae.safetensors for "
+               "Qwen-Image-Layered, or a diffusers vae/ folder)",
+    "qwen_image_controlnet": "a Qwen-Image ControlNet (InstantX Qwen-Image-ControlNet-Union/-Inpainting, "
+                             "Qwen-Image-2512-Fun-Controlnet-Union or a DiffSynth patch)",
 }
 
 LOADER_FOR = {
@@ -104,7 +108,9 @@ def _shape(shapes: Mapping, name: str | None):
 
 def _mmdit(names, shapes) -> Detected | None:
     m = _search(names, r"(?:^|\.)txt_norm\.weight$")
-    if m is None or not _any(names, r"(?:^|\.)transformer_blocks\.\d+\.img_mod\.1\.weight$"):
+    # A DFloat11 file holds each block's compressed group (encoded_exponent, ...) instead of its weights.
+    block_key = r"(?:^|\.)transformer_blocks\.(\d+)\.(?:img_mod\.1\.weight|encoded_exponent)$"
+    if m is None or not _any(names, block_key):
         return None
     key = m.string
     prefix = _prefix_of(key, "txt_norm.weight")
@@ -112,13 +118,17 @@ def _mmdit(names, shapes) -> Detected | None:
         emb = _shape(shapes, next((n for n in names if n.endswith("controlnet_x_embedder.weight")), None))
         flavour = "inpainting" if emb and emb[-1] == 68 else "union"
         return Detected("qwen_image_controlnet", f"InstantX {flavour}")
-    layers = _count_blocks(names, r"(?:^|\.)transformer_blocks\.(\d+)\.img_mod\.1\.weight$")
+    layers = _count_blocks(names, block_key)
     parts = [f"{layers} layers"]
     hidden = _shape(shapes, prefix + "img_in.weight")
     if hidden:
         parts.append(f"hidden {hidden[0]}")
     if prefix:
         parts.append(f"prefix '{prefix}'")
+    if is_dfloat11(names):
+        parts.append("DFloat11")
+    if prefix + "time_text_embed.addition_t_embedding.weight" in set(names):
+        parts.append("Qwen-Image-Layered")
     return Detected("qwen_image_mmdit", ", ".join(parts))
 
 
@@ -154,7 +164,7 @@ def _vae(names, shapes) -> Detected | None:
     if wan is not None and _any(names, r"(?:^|\.)decoder\.upsamples\.\d+\."):
         prefix = _prefix_of(wan.string, "encoder.conv1.weight")
         z2 = _shape(shapes, prefix + "conv1.weight")
-        return _wan_vae_kind(z2, "Wan layout")
+        return _wan_vae_kind(z2, "Wan layout", _shape(shapes, wan.string))
     dif = _search(names, r"(?:^|\.)encoder\.conv_in\.weight$")
     if dif is not None and _any(names, r"(?:^|\.)decoder\.up_blocks\.\d+\."):
         s = _shape(shapes, dif.string)
@@ -164,14 +174,16 @@ def _vae(names, shapes) -> Detected | None:
         z2 = _shape(shapes, prefix + "quant_conv.weight")
         if s is None and z2 is None and _any(names, r"(?:^|\.)encoder\.down_blocks\.\d+\.resnets\."):
             return Detected("other_vae", "diffusers AutoencoderKL")
-        return _wan_vae_kind(z2, "diffusers layout")
+        return _wan_vae_kind(z2, "diffusers layout", s)
     return None
 
 
-def _wan_vae_kind(z2, layout: str) -> Detected:
+def _wan_vae_kind(z2, layout: str, conv_in=None) -> Detected:
     if z2 and z2[0] == 96:
         return Detected("wan22_vae")
     detail = layout + (f", {z2[0] // 2} latent channels" if z2 else "")
+    if conv_in is not None and len(conv_in) == 5 and conv_in[1] == 4:
+        detail += ", RGBA (Qwen-Image-Layered)"
     return Detected("wan_vae", detail)
 
 
@@ -210,6 +222,8 @@ def detect(names: Iterable[str], shapes: Mapping[str, tuple] | None = None, arch
 
     if _any(names, r"(?:^|\.)controlnet_blocks\.\d+\.x_rms\.|(?:^|\.)controlnet_blocks\.\d+\.input_proj\."):
         return Detected("qwen_image_controlnet", "DiffSynth blockwise patch")
+    if _any(names, r"(?:^|\.)control_blocks\.\d+\.after_proj\.weight$") and _any(names, r"(?:^|\.)control_img_in\.weight$"):
+        return Detected("qwen_image_controlnet", "Fun ControlNet")
     found = [d for d in (_mmdit(names, shapes), _text(names, shapes, arch), _vae(names, shapes)) if d is not None]
     qwen = [d for d in found if d.is_qwen]
     if qwen:

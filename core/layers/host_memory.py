@@ -49,6 +49,8 @@ def move(module: nn.Module, device) -> None:
 def _back_to_file(mod: nn.Module) -> None:
     for name, view in file_view_items(mod):
         p = mod._parameters.get(name)
+        if p is None:  # a buffer read as stored (DFloat11's compressed tensors)
+            p = mod._buffers.get(name)
         if p is None or p.shape != view.shape or p.dtype != view.dtype or p.data_ptr() == view.data_ptr():
             continue
         try:

@@ -309,6 +309,8 @@ def _assign(model: nn.Module, target: str, value, scale: torch.Tensor | None, fr
             file_views.keep_file_view(mod, attr)
     else:
         mod._buffers[attr] = value
+        if from_file:  # DFloat11 groups: compressed tensors kept as stored
+            file_views.keep_file_view(mod, attr)
     if isinstance(mod, (Linear, Embedding)) and attr == "weight":
         mod.set_scale(scale)
 
@@ -434,6 +436,7 @@ def _own_memory_where_converted(model: nn.Module, vision: dict, usage: dict[Path
                 file_views.forget_file_view(mod, attr)
             else:
                 mod._buffers[attr] = mod._buffers[attr].clone()
+                file_views.forget_file_view(mod, attr)
 
 
 def gguf_value(q: QuantizedTensor, compact: bool, policy: Policy):

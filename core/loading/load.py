@@ -23,6 +23,9 @@ import torch
 
 from ..keymaps.detect import EXPECTED, Detected, detect
 from ..errors import WeightFileError
+from ..keymaps.dfloat11 import diffusers_config as dfloat11_diffusers_config
+from ..keymaps.dfloat11 import is_dfloat11
+from ..keymaps.dfloat11 import settings as dfloat11_settings
 from ..keymaps.mmdit import ZERO_COND_T_MARKER, find_prefix, mmdit_config_from_shapes, mmdit_key, mmdit_prefix
 from .engine import (  # noqa: F401  (WEIGHT_DTYPES: part of this module's interface)
     WEIGHT_DTYPES,
@@ -37,6 +40,7 @@ from .engine import (  # noqa: F401  (WEIGHT_DTYPES: part of this module's inter
     read_gguf_file,
 )
 from ..layers.linear import QuantizedTensor
+from .dfloat11 import attach_groups, plan_groups
 from ..formats.safetensors_io import is_gguf, open_weights
 
 # ---------------------------------------------------------------------------------------------
@@ -58,8 +62,9 @@ def load_mmdit(path, weight_dtype: str = "default", device="cpu", compute_dtype=
     pipeline folder) or a GGUF file.
 
     ``weight_dtype``: "default" keeps what is stored (fp8 stays fp8 with its scales, GGUF stays
-    quantized), "bf16"/"fp16"/"fp32" convert everything, "fp8_e4m3fn" stores the transformer
-    blocks' Linear weights as float8 with a per-tensor scale and the rest in bf16.
+    quantized, DFloat11 stays compressed and is expanded per block as it runs), "bf16"/"fp16"/"fp32"
+    convert everything, "fp8_e4m3fn" stores the transformer blocks' Linear weights as float8 with a
+    per-tensor scale and the rest in bf16 (DFloat11 files take "default" only: see loading.dfloat11).
     ``config``: an ``MMDiTConfig`` to use as is, or a dict of diffusers config values laid over the
     file's (e.g. ``{"zero_cond_t": True}`` for Edit-2511); by default read from config.json or
     inferred from the tensor shapes.
@@ -80,19 +85,31 @@ def load_mmdit(path, weight_dtype: str = "default", device="cpu", compute_dtype=
             target = mmdit_key(key, prefix)
             if target is not None:
                 plan.routes[key] = target
+        file_config, df11 = source.config, is_dfloat11(source.keys())
+        if df11:  # compressed blocks: their groups become the blocks' df11 buffers
+            df11_settings = dfloat11_settings(source.config, p)
+            df11_blocks = plan_groups(plan.routes, source.keys(), prefix, weight_dtype, p)
+            file_config = dfloat11_diffusers_config(source.config)
         ours = {t: shapes[k] for k, t in plan.routes.items()}
         if any(k.rsplit(".", 1)[-1] == ZERO_COND_T_MARKER for k in side) and not isinstance(config, MMDiTConfig):
             config_values = {"zero_cond_t": True, **(config or {})}
         else:
             config_values = config
         try:
-            cfg = _mmdit_config(config_values, source.config, ours)
+            cfg = _mmdit_config(config_values, file_config, ours)
         except KeyError as e:
             raise WeightFileError(p, f"lacks the MMDiT tensor {e.args[0]!r}.", EXPECTED["qwen_image_mmdit"]) from None
         except ValueError as e:
             raise WeightFileError(p, f"does not give a usable MMDiT configuration ({e}).",
                                   EXPECTED["qwen_image_mmdit"]) from None
 
+        if df11:
+            def build():
+                model = QwenImageMMDiT(cfg)
+                attach_groups(model, df11_blocks, source, df11_settings, p)
+                return model
+
+            return plan, build
         return plan, lambda: QwenImageMMDiT(cfg)
 
     model, _ = load_module(path, "transformer", "mmdit", "qwen_image_mmdit", weight_dtype, device, compute_dtype,

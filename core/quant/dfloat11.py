@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import WeightFileError
+
 log = logging.getLogger(__name__)
 
 TENSOR_NAMES = ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions")
@@ -244,6 +246,7 @@ class DF11Group(nn.Module):
             self.register_buffer(k, tensors[k])
         self.verified = False  # set once a decode has passed check=True
         self.compiled = False  # decode through torch.compile (attach's choice)
+        self.origin: tuple[str, str] | None = None  # (file, block name) for errors: set by the loader
 
     def extra_repr(self) -> str:
         return f"{len(self.layout)} weights, {self.n} values, {self.nbytes / max(1, 2 * self.n):.3f} of bf16"
@@ -344,7 +347,14 @@ def _before_block(block: nn.Module, args, kwargs):
         _warned_copy = True  # correct, but uploads the compressed tensors a second time
         log.warning("DFloat11 block tensors are on %s while the block runs on %s: copied for each decode "
                     "(a block streamer's pre-hook should run before the DFloat11 one)", group.luts.device, device)
-    weights = group.decode(device=device, check=not group.verified, compiled=group.compiled)
+    try:
+        weights = group.decode(device=device, check=not group.verified, compiled=group.compiled)
+    except ValueError as e:  # a corrupt stream, found by the first decode's check
+        if group.origin is None:
+            raise
+        path, name = group.origin
+        raise WeightFileError(path, f"has a DFloat11 group for block {name} that does not decode ({e}).",
+                              "an undamaged DFloat11 file (download it again)") from None
     group.verified = True
     for (name, _), w in zip(group.layout, weights):
         block.get_submodule(name).weight = w
