@@ -73,7 +73,7 @@ def attach_groups(model: nn.Module, blocks: dict[int, dict[str, str]], source, s
                 group = DF11Group({k: source.get(key) for k, key in tensors.items()}, layout,
                                   settings.bytes_per_thread, settings.threads_per_block)
                 group.origin = (str(where), name)
-                attach(block, group)
+                attach(block, group, compiled=True)  # compiled where it runs on CUDA
         except WeightFileError:
             raise
         except ValueError as e:

@@ -348,7 +348,8 @@ def _before_block(block: nn.Module, args, kwargs):
         log.warning("DFloat11 block tensors are on %s while the block runs on %s: copied for each decode "
                     "(a block streamer's pre-hook should run before the DFloat11 one)", group.luts.device, device)
     try:
-        weights = group.decode(device=device, check=not group.verified, compiled=group.compiled)
+        # Compiled on CUDA only: eager decoding there is many small kernels; on the CPU a compile costs more than it saves.
+        weights = group.decode(device=device, check=not group.verified, compiled=group.compiled and device.type == "cuda")
     except ValueError as e:  # a corrupt stream, found by the first decode's check
         if group.origin is None:
             raise
