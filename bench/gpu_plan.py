@@ -26,11 +26,11 @@ TRAVEL_LIMIT_MIB = 64
 
 # name, what it does, estimate on an H200 (s), limit (s), limit in a dry run on a CPU (s)
 STEPS = (
-    ("setup", "install the carried wheels, unpack ComfyUI", 15, 25, 30),
-    ("cuda-tests", "1. CUDA paths and weight formats vs CPU references (pytest -m cuda)", 115, 140, 120),
-    ("comfyui-dynamic", "2. ComfyUI 0.30 on CUDA, default flags (DynamicVRAM)", 45, 50, 60),
+    ("setup", "install the carried wheels, unpack ComfyUI", 15, 20, 30),
+    ("cuda-tests", "1. CUDA paths and weight formats vs CPU references (pytest -m cuda)", 130, 155, 120),
+    ("comfyui-dynamic", "2. ComfyUI 0.30 on CUDA, default flags (DynamicVRAM)", 40, 45, 60),
     ("comfyui-static", "2. ComfyUI 0.30 on CUDA, --disable-dynamic-vram", 40, 45, 60),
-    ("bench-mmdit", "3. bf16 forward: ours, ComfyUI, diffusers, FLOP floor (1328^2, 1024^2)", 45, 55, 60),
+    ("bench-mmdit", "3. bf16 forward: ours, ComfyUI, diffusers, FLOP floor (1328^2, 1024^2)", 45, 50, 60),
     ("bench-fp8", "3. fp8 matmul vs bf16", 30, 35, 60),
     ("bench-gguf", "3. GGUF Q8_0 / Q4_0 / Q4_K / Q4_K_M vs bf16, peak VRAM", 45, 60, 60),
     ("bench-lora", "3. rank-64 LoRA additive / folded vs none", 35, 45, 60),
