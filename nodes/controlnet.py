@@ -1,10 +1,12 @@
-"""ControlNet nodes: load an InstantX ControlNet or a DiffSynth patch, apply it to conditioning.
+"""ControlNet nodes: load an InstantX ControlNet, a DiffSynth patch or a Fun ControlNet, apply it to conditioning.
 
 The applied control travels inside the CONDITIONING (key ``"control"``: a ``ControlChain``) so
 the sampler runs it; several Apply nodes in series build a chain. The Apply node gives the
 positive and the negative the *same* chain object, which tells the sampler to reuse the
 positive pass's residuals for the negative pass (diffusers' behaviour) and to keep running
-both as one batch.
+both as one batch. A Fun ControlNet's residuals depend on the prompt (VideoX-Fun and ComfyUI run
+it on each pass's own text), so applying one gives the positive and the negative chains of
+their own: each pass then runs every control of its chain with its own text.
 
 Control images of any size are fitted to the latent without distortion: centre-cropped to
 the latent's aspect ratio, then resized (antialiased bilinear) to the latent's pixel size.
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from ..core.pipeline import latent_format as lf
 from ..core.models.controlnet import DIFFSYNTH, INSTANTX, AppliedControl, DiffSynthControlNet
+from ..core.models.controlnet_fun import FUN
 from ..core.keymaps.controlnet import diffsynth_config, flavour
 from ..core.loading.controlnet import load_controlnet
 from . import placement, runtime
@@ -50,7 +53,7 @@ class ControlNet:
         return self.module.is_inpaint
 
     def describe(self) -> str:
-        what = {INSTANTX: "InstantX", DIFFSYNTH: "DiffSynth patch"}[self.kind]
+        what = {INSTANTX: "InstantX", DIFFSYNTH: "DiffSynth patch", FUN: "Fun ControlNet"}[self.kind]
         return f"{self.name} [{what}{', inpainting' if self.is_inpaint else ''}]"
 
 
@@ -89,9 +92,9 @@ class QwenImageControlNetLoader:
     RETURN_NAMES = ("controlnet",)
     FUNCTION = "load"
     DESCRIPTION = (
-        "Loads a Qwen-Image ControlNet: InstantX Qwen-Image-ControlNet-Union or -Inpainting (models/controlnet) "
-        "or a DiffSynth blockwise patch such as qwen_image_canny_diffsynth_controlnet (models/model_patches). "
-        "The kind is recognised from the file's tensors."
+        "Loads a Qwen-Image ControlNet: InstantX Qwen-Image-ControlNet-Union or -Inpainting, "
+        "Qwen-Image-2512-Fun-Controlnet-Union (models/controlnet) or a DiffSynth blockwise patch such as "
+        "qwen_image_canny_diffsynth_controlnet (models/model_patches). The kind is recognised from the file's tensors."
     )
 
     @classmethod
@@ -273,10 +276,11 @@ class QwenImageControlNetApply:
     RETURN_NAMES = ("positive", "negative")
     FUNCTION = "apply"
     DESCRIPTION = (
-        "Applies a Qwen-Image ControlNet (InstantX Union / Inpainting or a DiffSynth patch) to the conditioning; "
-        "the Qwen-Image Sampler runs it. Chain several Apply nodes to combine controls. The control image is "
-        "centre-cropped to the latent's aspect ratio and resized to its size. The mask (inpainting models only) "
-        "marks the area to repaint."
+        "Applies a Qwen-Image ControlNet (InstantX Union / Inpainting, the 2512 Fun ControlNet or a DiffSynth patch) "
+        "to the conditioning; the Qwen-Image Sampler runs it. Chain several Apply nodes to combine controls. The control "
+        "image is centre-cropped to the latent's aspect ratio and resized to its size. The mask (inpainting models only) "
+        "marks the area to repaint. Strength scales the residuals linearly (the Fun ControlNet's authors' "
+        "control_context_scale; ComfyUI's own Apply ControlNet uses the square root of its strength for that model)."
     )
 
     @classmethod
@@ -308,6 +312,10 @@ class QwenImageControlNetApply:
         pixels = control_pixels(image)
         m = None
         if mask is not None:
+            if controlnet.kind == FUN:
+                raise ValueError(f"a mask was connected, but {controlnet.describe()} is applied here as a control map only: "
+                                 "its inpainting (a mask plus the image to repaint) is not wired into this node; "
+                                 "disconnect the mask (its mask and inpaint channels then stay empty, as in ComfyUI)")
             if not controlnet.is_inpaint:
                 raise ValueError(f"a mask was connected, but {controlnet.describe()} is not an inpainting ControlNet; "
                                  "disconnect the mask or load Qwen-Image-InstantX-ControlNet-Inpainting "
@@ -322,15 +330,20 @@ class QwenImageControlNetApply:
 
         shared: dict = {}
 
-        def extend(old: ControlChain, ctl) -> ControlChain:
-            # One new chain per old chain (all empty ones alike), so a positive and negative that
-            # shared one still do; the old chain is kept alive so its id stays unique.
-            key = id(old) if old else None
-            if key not in shared:
-                shared[key] = (old, ControlChain(old + (ctl,)))
-            return shared[key][1]
+        def extender(side: str):
+            def extend(old: ControlChain, ctl) -> ControlChain:
+                # One new chain per old chain (all empty ones alike), so a positive and negative that
+                # shared one still do (a Fun control: one per side); the old chain is kept alive so
+                # its id stays unique.
+                key = (id(old) if old else None, side if controlnet.kind == FUN else None)
+                if key not in shared:
+                    shared[key] = (old, ControlChain(old + (ctl,)))
+                return shared[key][1]
 
-        return (_with_control(positive, extend, control, "positive"), _with_control(negative, extend, control, "negative"))
+            return extend
+
+        return (_with_control(positive, extender("positive"), control, "positive"),
+                _with_control(negative, extender("negative"), control, "negative"))
 
 
 # ------------------------------------------------------------------------------------ sampling

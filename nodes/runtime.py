@@ -19,6 +19,7 @@ log = logging.getLogger("qwenimage")
 
 try:  # pragma: no cover - exercised only inside ComfyUI
     import folder_paths  # type: ignore
+    import comfy.controlnet as _cn  # type: ignore
     import comfy.model_base as _mb  # type: ignore
     import comfy.model_management as _mm  # type: ignore
     import comfy.model_patcher as _mp  # type: ignore
@@ -28,7 +29,7 @@ try:  # pragma: no cover - exercised only inside ComfyUI
 
     IN_COMFYUI = True
 except Exception:  # ImportError, or a half-initialised ComfyUI in odd test set-ups
-    folder_paths = _mb = _mm = _mp = _pe = _sm = _cu = None
+    folder_paths = _cn = _mb = _mm = _mp = _pe = _sm = _cu = None
     IN_COMFYUI = False
 
 # ComfyUI's own classes that ours derive from (None outside ComfyUI). Our ModelPatcher and our
@@ -36,6 +37,8 @@ except Exception:  # ImportError, or a half-initialised ComfyUI in odd test set-
 # every month, and a subclass inherits each one.
 ModelPatcher = _mp.ModelPatcher if IN_COMFYUI else None
 QwenImageBaseModel = _mb.QwenImage if IN_COMFYUI else None
+# ComfyUI's Qwen-Image Fun ControlNet (ComfyUI 0.30 and later; None before, and outside ComfyUI).
+QwenFunControlNet = getattr(_cn, "QwenFunControlNet", None) if IN_COMFYUI else None
 ON_LOAD = _pe.CallbacksMP.ON_LOAD if IN_COMFYUI else "on_load_after"
 OUTER_SAMPLE = _pe.WrappersMP.OUTER_SAMPLE if IN_COMFYUI else "outer_sample"
 

@@ -82,6 +82,37 @@ def diffsynth_patch_state(g: torch.Generator, layers: int, extra: int = 0) -> di
     return sd
 
 
+# One MMDiT double-stream block's 32 tensors (diffusers' names), [out, in] in units of the width d.
+_BLOCK_LINEARS = {"img_mod.1": (6, 1), "txt_mod.1": (6, 1), "attn.to_q": (1, 1), "attn.to_k": (1, 1),
+                  "attn.to_v": (1, 1), "attn.add_q_proj": (1, 1), "attn.add_k_proj": (1, 1), "attn.add_v_proj": (1, 1),
+                  "attn.to_out.0": (1, 1), "attn.to_add_out": (1, 1), "img_mlp.net.0.proj": (4, 1),
+                  "img_mlp.net.2": (1, 4), "txt_mlp.net.0.proj": (4, 1), "txt_mlp.net.2": (1, 4)}
+_BLOCK_NORMS = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
+
+
+def fun_controlnet_state(g: torch.Generator, blocks: int = 5, dim: int = TINY_INNER_DIM, head_dim: int = 32,
+                         in_features: int = 132, std: float = 0.1) -> dict:
+    """A Qwen-Image-2512 Fun ControlNet file's tensors, named as VideoX-Fun saves them (unprefixed):
+    ``control_img_in``, ``control_blocks.N.`` + a double-stream block's 32 tensors + ``after_proj``,
+    ``before_proj`` on block 0 only (174 tensors for 5 blocks). Written out by name here, not taken
+    from our module, so the layout is the file's and not ours."""
+    def linear(out_f, in_f):
+        return torch.randn(out_f, in_f, generator=g) * std, torch.randn(out_f, generator=g) * std
+
+    sd = {}
+    sd["control_img_in.weight"], sd["control_img_in.bias"] = linear(dim, in_features)
+    for i in range(blocks):
+        p = f"control_blocks.{i}."
+        for name, (o, n) in _BLOCK_LINEARS.items():
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = linear(o * dim, n * dim)
+        for name in _BLOCK_NORMS:
+            sd[p + name + ".weight"] = torch.rand(head_dim, generator=g) + 0.5
+        if i == 0:
+            sd[p + "before_proj.weight"], sd[p + "before_proj.bias"] = linear(dim, dim)
+        sd[p + "after_proj.weight"], sd[p + "after_proj.bias"] = linear(dim, dim)
+    return sd
+
+
 def tiny_transformer(seed: int = 0, joint_dim: int = TEXT_HIDDEN, layers: int = 2, **kw):
     from diffusers import QwenImageTransformer2DModel
 

@@ -1,6 +1,6 @@
-"""Qwen-Image ControlNets: InstantX Union / Inpainting and DiffSynth blockwise patches.
+"""Qwen-Image ControlNets: InstantX Union / Inpainting, DiffSynth blockwise patches, the 2512 Fun ControlNet.
 
-Both kinds steer the MMDiT through its ``control(block_index, img_tokens)`` hook (see
+All kinds steer the MMDiT through its ``control(block_index, img_tokens)`` hook (see
 ``mmdit.QwenImageMMDiT.forward``); only the target-image tokens are touched, so reference
 latents of edit models pass through unchanged.
 
@@ -14,6 +14,9 @@ latents of edit models pass through unchanged.
 - DiffSynth (``DiffSynthControlNet``): control tokens ``img_in(packed control latent)`` computed
   once; after main block i, ``img[:, :N] += block_i(img[:, :N], control) * strength`` with
   ``block_i(x, y) = output_proj(GELU(input_proj(RMSNorm(x) + RMSNorm(y))))``.
+- Fun (``controlnet_fun.FunControlNet``, Qwen-Image-2512-Fun-Controlnet-Union): control blocks that
+  run on the main model's embeddings each step, with each pass's own text; their residuals are
+  added after main blocks 0, 12, 24, 36, 48 (see that module).
 
 Control latents are *normalized* latents (``latent_format.normalize``); the inpainting variants
 append one mask channel (1 = keep) before packing, so their embedders take 17 * 4 = 68 inputs.
@@ -28,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .controlnet_fun import FUN
 from .mmdit import MMDiTConfig, QwenImageMMDiT, RMSNorm, pack_latent
 from ..layers.linear import Linear
 
@@ -227,6 +231,8 @@ class AppliedControl:
                 img[:, :n_target] += _match_batch(r, img.shape[0], "the ControlNet residual").to(img.dtype) * scale
 
             return add_residual
+        if self.net.kind == FUN:
+            return self._fun_hook(module, x, sigma, context, context_mask, hint, n_target)
 
         key = (x.device, dtype)
         if self._tokens is None or self._tokens[0] != key:
@@ -243,6 +249,19 @@ class AppliedControl:
 
         return add_block
 
+    def _fun_hook(self, module, x, sigma, context, context_mask, hint, n_target: int) -> StepHook:
+        hint = _match_batch(hint.to(x.device), x.shape[0], "the control image")
+        residuals = self.net(module, x, sigma, context, hint, context_mask, dtype=module.compute_dtype)
+        after = dict(zip(self.net.injection_layers(len(module.transformer_blocks)), residuals))
+        scale = float(self.strength)
+
+        def add_fun(i: int, img: torch.Tensor) -> None:
+            r = after.get(i)
+            if r is not None:
+                img[:, :n_target] += _match_batch(r, img.shape[0], "the ControlNet residual").to(img.dtype) * scale
+
+        return add_fun
+
 
 def _target_tokens(x: torch.Tensor, p: int) -> int:
     h, w = x.shape[-2], x.shape[-1]
@@ -253,8 +272,8 @@ def step_hook(controls: Sequence[AppliedControl], module: QwenImageMMDiT, x, sig
               step: int, steps: int) -> StepHook | None:
     """One hook for a chain of controls at one sampling step (None when none is active).
 
-    DiffSynth patches run before InstantX residuals after each block, as in ComfyUI; within a
-    kind, controls apply in the order they were chained.
+    DiffSynth patches run before InstantX and Fun residuals after each block, as in ComfyUI;
+    otherwise controls apply in the order they were chained.
     """
     hooks = [(c.net.kind != DIFFSYNTH, c.hook(module, x, sigma, context, context_mask, step, steps)) for c in controls]
     hooks = [h for _, h in sorted(hooks, key=lambda kh: kh[0]) if h is not None]
