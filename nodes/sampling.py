@@ -15,6 +15,7 @@ from ..core.quant import gguf_kernels
 from . import controlnet as control_nodes
 from . import lora as lora_nodes
 from . import placement, runtime
+from .latents import LAYERED_MODEL_FILE, check_latents_for_model
 from .handles import MODEL_TYPE
 from .options import speed_settings
 
@@ -202,11 +203,30 @@ def sample(
         raise ValueError(f"sampler_name must be one of {SAMPLERS}; got {sampler_name!r}")
     if not isinstance(latent_image, dict) or "samples" not in latent_image:
         raise ValueError("latent_image must be a LATENT ({'samples': tensor})")
-    raw, five_d = lf.to_4d(latent_image["samples"])
-    lf.check_channels(raw)
-    b, _, h, w = raw.shape
-
     module = model.module
+    layered = bool(getattr(getattr(module, "config", None), "layered", False))
+    samples = latent_image["samples"]
+    frames = None  # Qwen-Image-Layered: the frames (composite + layers) denoised together
+    if lf.has_frames(samples):
+        if not layered:
+            raise ValueError(
+                f"this latent has {samples.shape[2]} frames ({list(samples.shape)}): a Qwen-Image-Layered latent "
+                f"(composite + layers), but {model.name} is not a Qwen-Image-Layered model. Load "
+                f"{LAYERED_MODEL_FILE} to make layers, or use a one-frame latent (Qwen-Image Empty Latent)"
+            )
+        raw, five_d, frames = samples, True, samples.shape[2]
+        b, _, _, h, w = raw.shape
+    else:
+        raw, five_d = lf.to_4d(samples)
+        b, _, h, w = raw.shape
+    lf.check_channels(raw)
+    check_latents_for_model([samples], layered, "latent_image")
+    for conditioning in (positive, negative):
+        for entry in conditioning or []:
+            extra = entry[1] if isinstance(entry, (list, tuple)) and len(entry) >= 2 else None
+            if isinstance(extra, dict):
+                check_latents_for_model(extra.get("reference_latents") or [], layered, "reference latent")
+
     pos = _as_conds(positive, "positive")
     neg = None
     if negative is not None and cfg > 1.0:
@@ -219,17 +239,25 @@ def sample(
     lora_nodes.check_control_reference(model, any(c.refs for c in pos),
                                        None if neg is None else all(c.refs for c in neg))
 
-    sigmas = schedule.flow_sigmas(steps, shift_mode, shift, schedule.image_seq_len(h, w))
+    if frames is not None and any(c.control is not None for c in pos + (neg or [])):
+        raise ValueError("ControlNets do not take Qwen-Image-Layered latents (several frames); "
+                         "disconnect the ControlNet from the conditioning")
+    seq_len = schedule.image_seq_len(h, w)
+    # Layered: QwenImageLayeredPipeline's exponent sqrt(tokens / 256) for the dynamic shift.
+    mu = schedule.layered_mu(seq_len) if layered else None
+    sigmas = schedule.flow_sigmas(steps, shift_mode, shift, seq_len, mu=mu)
     sigmas = sigmas[schedule.denoise_start(steps, denoise):]
     out = dict(latent_image)
     if len(sigmas) < 2:
         return out
 
     clean = lf.normalize(raw.float())
-    noise = fm.initial_noise(seed, b, h, w)
+    noise = fm.initial_noise(seed, b, h, w) if frames is None else fm.initial_noise(seed, b, h, w, frames=frames)
     mask = None
     if latent_image.get("noise_mask") is not None:
         mask = fm.latent_mask(latent_image["noise_mask"], b, h, w)
+        if frames is not None:
+            mask = mask[:, :, None]  # the same area in every frame
 
     device = torch.device(device) if device is not None else runtime.compute_device()
     progress = runtime.Progress(len(sigmas) - 1)
@@ -240,7 +268,7 @@ def sample(
         if previews:
             from PIL import Image
 
-            image = Image.fromarray(lf.preview_rgb(x0).numpy())
+            image = Image.fromarray(lf.preview_rgb(x0 if x0.ndim == 4 else x0[:, :, 0]).numpy())
         progress.update(i + 1, image)
 
     _sync_loras(model)
@@ -260,7 +288,8 @@ def sample(
             mask=None if mask is None else mask.to(device),
             callback=on_step,
         )
-    out["samples"] = lf.from_4d(lf.denormalize(x).cpu(), five_d)
+    x = lf.denormalize(x).cpu()
+    out["samples"] = lf.tag_layered(x if frames is not None else lf.from_4d(x, five_d), layered)
     return out
 
 
@@ -285,7 +314,10 @@ class QwenImageSampler:
         "Samples a Qwen-Image latent. Official settings: 50 steps, cfg 4, shift_mode dynamic. "
         "Lightning LoRAs: 4 or 8 steps, cfg 1, shift_mode constant, shift 3. For a seed the noise equals "
         "diffusers' QwenImagePipeline, so results reproduce the reference. denoise < 1 keeps the input "
-        "latent's content (img2img); a LATENT noise_mask limits changes to the mask."
+        "latent's content (img2img); a LATENT noise_mask limits changes to the mask. Qwen-Image-Layered: give it a "
+        "layered latent (Qwen-Image Empty Layered Latent or ComfyUI's Empty Qwen Image Layered Latent) and the input "
+        "image as a reference latent (its VAE Encode through ReferenceLatent) on positive and negative; dynamic "
+        "follows diffusers' Layered pipeline, ComfyUI's template uses constant shift 1, 20 steps, cfg 2.5."
     )
 
     @classmethod
@@ -298,7 +330,7 @@ class QwenImageSampler:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
                 "cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": "True CFG scale; 1 = one pass, no negative needed."}),
-                "shift_mode": (list(schedule.SHIFT_MODES), {"default": "dynamic", "tooltip": "dynamic: diffusers' resolution-dependent shift. constant: the shift value below (Lightning: 3)."}),
+                "shift_mode": (list(schedule.SHIFT_MODES), {"default": "dynamic", "tooltip": "dynamic: diffusers' resolution-dependent shift (its Layered pipeline's for Qwen-Image-Layered). constant: the shift value below (Lightning: 3)."}),
                 "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01, "tooltip": "Used by shift_mode constant."}),
                 "sampler_name": (list(SAMPLERS), {"default": "euler"}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),

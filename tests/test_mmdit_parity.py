@@ -97,8 +97,10 @@ def test_config_from_diffusers_json():
     }
     cfg = MMDiTConfig.from_diffusers_config(real)
     assert cfg == MMDiTConfig(zero_cond_t=True) and cfg.inner_dim == 3072
-    with pytest.raises(ValueError, match="use_layer3d_rope"):
-        MMDiTConfig.from_diffusers_config({**real, "use_layer3d_rope": True})
+    with pytest.raises(ValueError, match="guidance_embeds"):
+        MMDiTConfig.from_diffusers_config({**real, "guidance_embeds": True})
+    layered = MMDiTConfig.from_diffusers_config({**real, "use_additional_t_cond": True, "use_layer3d_rope": True})
+    assert layered.layered and layered.use_additional_t_cond  # Qwen-Image-Layered: tests/test_layered_parity.py
     with pytest.raises(ValueError, match="axes_dims_rope"):
         MMDiTConfig(attention_head_dim=64)
 

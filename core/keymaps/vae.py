@@ -153,11 +153,18 @@ def vae_config(shapes: Mapping[str, Any], path=None) -> VAEConfig:
     conv_in = s.get("encoder.conv1.weight")
     if conv_in is None:
         raise WeightFileError(path, "VAE tensor 'encoder.conv1.weight' is missing.", expected)
-    if len(conv_in) != 5 or conv_in[1] != 3:
+    if len(conv_in) != 5 or conv_in[1] not in (3, 4):
         raise WeightFileError(
-            path, f"'encoder.conv1.weight' has shape {list(conv_in)}.", "a 5-D causal conv [C, 3, 3, 3, 3]"
+            path, f"'encoder.conv1.weight' has shape {list(conv_in)}.",
+            "a 5-D causal conv [C, 3, 3, 3, 3] (RGB), or [C, 4, 3, 3, 3] for the Qwen-Image-Layered RGBA VAE",
         )
-    base = conv_in[0]
+    base, channels = conv_in[0], conv_in[1]
+    head = s.get("decoder.head.2.weight")
+    if head is not None and head[0] != channels:
+        raise WeightFileError(
+            path, f"the encoder takes {channels} pixel channels but the decoder gives {head[0]} "
+            "('decoder.head.2.weight').", "an encoder and decoder of the same VAE (3 channels, or 4 for RGBA)",
+        )
     if "conv2.weight" in s:
         z_dim = s["conv2.weight"][0]
     elif "conv1.weight" in s:
@@ -195,4 +202,5 @@ def vae_config(shapes: Mapping[str, Any], path=None) -> VAEConfig:
         dim_mult=tuple(st[-1] // base for st in stages),
         num_res_blocks=len(stages[0]),
         temporal_downsample=tuple(temporal),
+        input_channels=channels,
     )

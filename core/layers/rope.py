@@ -49,13 +49,25 @@ def text_positions(start: int, length: int) -> torch.Tensor:
     return (torch.arange(length) + start)[:, None].expand(length, 3)
 
 
-def joint_positions(grids: list[tuple[int, int]], text_len: int) -> torch.Tensor:
+def joint_positions(
+    grids: list[tuple[int, int]],
+    text_len: int,
+    frames: list[int] | tuple[int, ...] | None = None,
+    min_text_start: int = 0,
+) -> torch.Tensor:
     """Positions of the joint sequence ``[text; target image; reference 1; reference 2; ...]``.
 
-    Image ``i`` of ``grids`` gets frame index ``i`` (0 = the latent being denoised).
+    Image ``i`` of ``grids`` gets frame index ``frames[i]``; by default ``i`` (0 = the latent
+    being denoised, then the references 1, 2, ...). Qwen-Image-Layered ("Layer3D" RoPE) gives
+    its layer frames 0..L and its reference images -1, -2, ... (diffusers' negative table), and
+    starts the text at least at ``min_text_start`` (the number of layer frames).
     """
-    parts = [text_positions(text_start(grids), text_len)]
-    parts += [image_positions(i, h, w) for i, (h, w) in enumerate(grids)]
+    if frames is None:
+        frames = range(len(grids))
+    elif len(frames) != len(grids):
+        raise ValueError(f"RoPE: {len(frames)} frame indices for {len(grids)} images")
+    parts = [text_positions(max(text_start(grids), min_text_start), text_len)]
+    parts += [image_positions(f, h, w) for f, (h, w) in zip(frames, grids)]
     return torch.cat(parts, dim=0)
 
 
@@ -85,9 +97,12 @@ def build_rope(
     axes_dims: tuple[int, ...],
     device: torch.device | str | None = None,
     theta: float = THETA,
+    frames: list[int] | tuple[int, ...] | None = None,
+    min_text_start: int = 0,
 ) -> torch.Tensor:
     """Rotation table of the joint sequence (see ``joint_positions``) on ``device``."""
-    table = rotation_table(rope_angles(joint_positions(grids, text_len), axes_dims, theta))
+    positions = joint_positions(grids, text_len, frames, min_text_start)
+    table = rotation_table(rope_angles(positions, axes_dims, theta))
     return table.to(device) if device is not None else table
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..layers import rope
 from ..layers.attention import attention
 from ..layers.run_options import RunOptions, resolve
-from ..layers.linear import Linear
+from ..layers.linear import Embedding, Linear
 
 FP16_MAX = 65504.0
 _DENSE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,6 +52,10 @@ class MMDiTConfig:
     joint_attention_dim: int = 3584
     axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
     zero_cond_t: bool = False
+    # Qwen-Image-Layered: a learned embedding added to the timestep embedding (row 0 at inference)
+    # and the "Layer3D" RoPE (several layer frames in one sequence, references at frames -1, -2, ...).
+    use_additional_t_cond: bool = False
+    use_layer3d_rope: bool = False
 
     def __post_init__(self):
         self.axes_dims_rope = tuple(int(a) for a in self.axes_dims_rope)
@@ -71,14 +75,20 @@ class MMDiTConfig:
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def layered(self) -> bool:
+        """A Qwen-Image-Layered model: it samples ``[B, C, L+1, H, W]`` latents (frame 0 the
+        composite, then L RGBA layers) and pairs with the RGBA (4-channel) VAE."""
+        return self.use_layer3d_rope
+
     @classmethod
     def from_diffusers_config(cls, config: dict) -> "MMDiTConfig":
         """Read a diffusers ``transformer/config.json`` dict.
 
-        Variants that change the architecture beyond this class (Qwen-Image-Layered's extra
-        timestep embedding and layer RoPE, guidance embedding) are refused, not ignored.
+        Qwen-Image-Layered's ``use_additional_t_cond`` / ``use_layer3d_rope`` are read; variants
+        that change the architecture beyond this class (guidance embedding) are refused, not ignored.
         """
-        for flag in ("use_additional_t_cond", "use_layer3d_rope", "guidance_embeds"):
+        for flag in ("guidance_embeds",):
             if config.get(flag):
                 raise ValueError(f"MMDiT config sets {flag}=true, which this implementation does not support")
         names = {f.name for f in fields(cls)}
@@ -116,13 +126,24 @@ class _TimestepMLP(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, dim: int, device=None, dtype=None):
+    """The timestep MLP; with ``additional`` (Qwen-Image-Layered) also ``addition_t_embedding``,
+    a 2-row table whose row 0 (the only one inference uses: diffusers' ``is_rgb = 0``, ComfyUI's
+    default) is added to every timestep embedding."""
+
+    def __init__(self, dim: int, device=None, dtype=None, additional: bool = False):
         super().__init__()
         self.timestep_embedder = _TimestepMLP(dim, device, dtype)
+        if additional:
+            self.addition_t_embedding = Embedding(2, dim, device=device, dtype=dtype)
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype, options: RunOptions | None = None) -> torch.Tensor:
         mlp = self.timestep_embedder
-        return mlp.linear_2(F.silu(mlp.linear_1(timestep_sinusoid(t).to(dtype), options)), options)
+        emb = mlp.linear_2(F.silu(mlp.linear_1(timestep_sinusoid(t).to(dtype), options)), options)
+        extra = getattr(self, "addition_t_embedding", None)
+        if extra is not None:
+            ids = torch.zeros(emb.shape[0], dtype=torch.long, device=emb.device)
+            emb = emb + extra(ids).to(device=emb.device, dtype=emb.dtype)
+        return emb
 
 
 class _GELUProj(nn.Module):
@@ -330,7 +351,7 @@ class QwenImageMMDiT(nn.Module):
         self.config = cfg = config or MMDiTConfig()
         dim = cfg.inner_dim
         kw = dict(device=device, dtype=dtype)
-        self.time_text_embed = TimestepEmbedding(dim, **kw)
+        self.time_text_embed = TimestepEmbedding(dim, additional=cfg.use_additional_t_cond, **kw)
         self.txt_norm = RMSNorm(cfg.joint_attention_dim, **kw)
         self.img_in = Linear(cfg.in_channels, dim, **kw)
         self.txt_in = Linear(cfg.joint_attention_dim, dim, **kw)
@@ -357,13 +378,15 @@ class QwenImageMMDiT(nn.Module):
             raise ValueError(f"compute_dtype must be one of {_DENSE_FLOATS} or None, got {dtype}")
         self._compute_dtype = dtype
 
-    def _rope_table(self, grids: list[tuple[int, int]], text_len: int, device: torch.device) -> torch.Tensor:
-        key = (tuple(grids), text_len, str(device))
+    def _rope_table(self, grids: list[tuple[int, int]], text_len: int, device: torch.device,
+                    frames: tuple[int, ...] | None = None, min_text_start: int = 0) -> torch.Tensor:
+        key = (tuple(grids), text_len, str(device), frames, min_text_start)
         table = self._rope_cache.get(key)
         if table is None:
             if len(self._rope_cache) >= 8:
                 self._rope_cache.pop(next(iter(self._rope_cache)))
-            table = rope.build_rope(grids, text_len, self.config.axes_dims_rope, device)
+            table = rope.build_rope(grids, text_len, self.config.axes_dims_rope, device,
+                                    frames=frames, min_text_start=min_text_start)
             self._rope_cache[key] = table
         return table
 
@@ -379,13 +402,16 @@ class QwenImageMMDiT(nn.Module):
     ) -> torch.Tensor:
         """Predict the flow velocity.
 
-        x: normalized latent ``[B, C, H, W]`` (or ``[B, C, 1, H, W]``), any H, W.
+        x: normalized latent ``[B, C, H, W]`` (or ``[B, C, 1, H, W]``), any H, W. A Layered model
+            (``config.layered``) also takes ``[B, C, F, H, W]``: F frames (the composite, then the
+            layers) denoised as one sequence, frame-major, at RoPE frames 0 .. F-1.
         sigma: ``[B]`` (or a scalar) in [0, 1]; the timestep embedding sees ``1000 * sigma``.
         context: text hidden states ``[B, L, joint_attention_dim]`` (batch 1 is broadcast).
         context_mask: ``[B, L]``, True / 1 for real tokens; needed when a batch mixes prompts
             of different lengths (padding must not be attended). None: every token is real.
         ref_latents: normalized reference latents ``[B or 1, C, h_i, w_i]`` for edit models;
-            they join the image sequence with RoPE frame index 1, 2, ...
+            they join the image sequence with RoPE frame index 1, 2, ... (Layered: -1, -2, ...,
+            the input image whose layers are made).
         control: ``control(block_index, img_tokens) -> img_tokens``, called after every block
             with the image residual stream ``[B, N, dim]`` (target tokens first, in packed
             row-major order, then the references; float32 under float16 compute). InstantX
@@ -397,11 +423,19 @@ class QwenImageMMDiT(nn.Module):
         Returns the velocity ``[B, C, H, W]`` (same rank) in ``x``'s dtype.
         """
         cfg = self.config
-        squeeze_frame = x.ndim == 5
-        if squeeze_frame:
-            if x.shape[2] != 1:
-                raise ValueError(f"x must hold a single frame, got shape {tuple(x.shape)}")
-            x = x[:, :, 0]
+        five_d = x.ndim == 5
+        if five_d:
+            if x.shape[2] != 1 and not cfg.layered:
+                raise ValueError(
+                    f"x must hold a single frame, got shape {tuple(x.shape)}: only a Qwen-Image-Layered model "
+                    "denoises several frames (layers) at once"
+                )
+            if x.shape[2] < 1:
+                raise ValueError(f"x holds no frame, got shape {tuple(x.shape)}")
+            frames_x = list(x.unbind(2)) if x.shape[2] > 1 else [x[:, :, 0]]
+        else:
+            frames_x = [x]
+        x = frames_x[0]
         if x.ndim != 4 or x.shape[1] != cfg.out_channels:
             raise ValueError(f"x must be [B, {cfg.out_channels}, H, W], got shape {tuple(x.shape)}")
         B, _, H, W = x.shape
@@ -414,13 +448,17 @@ class QwenImageMMDiT(nn.Module):
         sigma = self._check_sigma(sigma, B, device)
         context, mask = self._check_context(context, context_mask, B, device)
 
-        tokens, grid = pack_latent(x, p)
-        grids, seqs = [grid], [tokens.to(wide)]
+        grids, seqs = [], []
+        for frame in frames_x:  # frame-major: all tokens of frame 0, then frame 1, ...
+            tokens, grid = pack_latent(frame, p)
+            grids.append(grid)
+            seqs.append(tokens.to(wide))
+        n_frames = len(frames_x)
         for ref in ref_latents or []:
             ref_tokens, ref_grid = pack_latent(self._check_ref(ref, B), p)
             grids.append(ref_grid)
             seqs.append(ref_tokens.to(device=device, dtype=wide).expand(B, -1, -1))
-        n_target = grid[0] * grid[1]
+        n_target = n_frames * grid[0] * grid[1]
         img = self.img_in(torch.cat(seqs, dim=1) if len(seqs) > 1 else seqs[0], options)
         txt = self.txt_in(self.txt_norm(context.to(wide)), options)
 
@@ -437,7 +475,11 @@ class QwenImageMMDiT(nn.Module):
         temb = self.time_text_embed(t.to(dtype), wide, options)
         act = F.silu(temb)
 
-        table = self._rope_table(grids, txt.shape[1], device)
+        if cfg.layered:  # layers at frames 0..F-1, references at -1, -2, ...; text after the layers
+            frame_ids = tuple(range(n_frames)) + tuple(-(i + 1) for i in range(len(grids) - n_frames))
+            table = self._rope_table(grids, txt.shape[1], device, frame_ids, n_frames)
+        else:
+            table = self._rope_table(grids, txt.shape[1], device)
         if mask is not None:  # image tokens are always attended
             mask = torch.cat([mask, mask.new_ones(B, img.shape[1])], dim=1)[:, None, None, :]
         last = len(self.transformer_blocks) - 1
@@ -455,8 +497,13 @@ class QwenImageMMDiT(nn.Module):
         else:
             scale, shift = scale.unsqueeze(1), shift.unsqueeze(1)
         out = self.proj_out(modulated_norm(img[:, :n_target], shift, scale), options)
+        if n_frames > 1:
+            per = grid[0] * grid[1]
+            out = torch.stack([unpack_tokens(out[:, f * per:(f + 1) * per], grid, p, (H, W))
+                               for f in range(n_frames)], dim=2)
+            return out.to(out_dtype)
         out = unpack_tokens(out, grid, p, (H, W)).to(out_dtype)
-        return out.unsqueeze(2) if squeeze_frame else out
+        return out.unsqueeze(2) if five_d else out
 
     @staticmethod
     def _check_sigma(sigma, batch: int, device) -> torch.Tensor:

@@ -5,6 +5,10 @@ Parameter names and shapes are those of the original Wan checkpoints (``encoder.
 ``conv1`` / ``conv2``, ...), so ``vae/qwen_image_vae.safetensors`` loads strictly as it is;
 diffusers folders are renamed by ``keymaps/vae.py``.
 
+Qwen-Image-Layered's VAE is the same network with 4 pixel channels (RGBA) instead of 3
+(``VAEConfig.input_channels``, diffusers' name): its encoder takes RGBA and its decoder gives
+RGBA, alpha being simply the fourth channel.
+
 Only one frame is ever computed. The 3-D causal convolutions keep their 5-D weights, but for a
 single frame the causal zero padding in time means only the last temporal tap of each kernel
 meets real data, so they run as 2-D convolutions with that tap; ``time_conv`` layers are kept
@@ -40,6 +44,7 @@ class VAEConfig:
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
+    input_channels: int = 3  # pixel channels: 3 (RGB), 4 for Qwen-Image-Layered's RGBA VAE
 
     def __post_init__(self) -> None:
         self.dim_mult = tuple(int(m) for m in self.dim_mult)
@@ -51,6 +56,13 @@ class VAEConfig:
             )
         if self.base_dim < 1 or self.z_dim < 1 or self.num_res_blocks < 1 or not self.dim_mult:
             raise ValueError(f"VAEConfig: invalid sizes {self}")
+        if self.input_channels not in (3, 4):
+            raise ValueError(f"VAEConfig: input_channels must be 3 (RGB) or 4 (RGBA), got {self.input_channels}")
+
+    @property
+    def rgba(self) -> bool:
+        """The Qwen-Image-Layered VAE (4 pixel channels)."""
+        return self.input_channels == 4
 
     @property
     def spatial_factor(self) -> int:
@@ -72,6 +84,7 @@ class VAEConfig:
             dim_mult=tuple(config.get("dim_mult", d.dim_mult)),
             num_res_blocks=int(config.get("num_res_blocks", d.num_res_blocks)),
             temporal_downsample=tuple(temporal),
+            input_channels=int(config.get("input_channels", d.input_channels)),
         )
 
 
@@ -212,7 +225,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
-        self.conv1 = CausalConv3d(3, dims[0], 3)
+        self.conv1 = CausalConv3d(cfg.input_channels, dims[0], 3)
         layers: list[nn.Module] = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             for _ in range(cfg.num_res_blocks):
@@ -246,7 +259,7 @@ class Decoder(nn.Module):
             if i < len(mult) - 1:
                 layers.append(Resample(out_dim, up=True, temporal=temporal_up[i]))
         self.upsamples = nn.Sequential(*layers)
-        self.head = _head(dims[-1], 3)
+        self.head = _head(dims[-1], cfg.input_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.head(self.upsamples(self.middle(self.conv1(z))))
@@ -301,11 +314,13 @@ def _free_cache() -> None:
 class WanVAE(nn.Module):
     """Wan-2.1 / Qwen-Image VAE. Computes in the dtype and on the device of its weights.
 
-    ``encode``: pixels [B,3,H,W] (or [B,3,1,H,W]) in [-1,1] -> raw latent mean [B,z,H//8,W//8].
+    ``encode``: pixels [B,3,H,W] (or [B,3,1,H,W]) in [-1,1] -> raw latent mean [B,z,H//8,W//8];
+    the RGBA VAE takes [B,4,H,W], and an RGB input gets an opaque alpha (+1) as ComfyUI pads it.
     Sizes that are not multiples of 8 are padded by edge replication and the latent cropped to
     the floor size: the kept latent pixels see their real right/bottom neighbours instead of a
     hard crop, and the result has the size a decode of a cropped image would have.
-    ``decode``: raw latent [B,z,h,w] (or [B,z,1,h,w]) -> pixels [B,3,8h,8w] clamped to [-1,1].
+    ``decode``: raw latent [B,z,h,w] (or [B,z,1,h,w]) -> pixels [B,C,8h,8w] clamped to [-1,1]
+    (C = ``config.input_channels``: 3, or 4 with alpha last).
     Results are in the module's dtype.
     """
 
@@ -347,7 +362,11 @@ class WanVAE(nn.Module):
 
     def _pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Pixels in module dtype, replicate-padded to a multiple of the spatial factor, plus the latent size."""
-        x = self._as_4d(pixels, 3, "encode")
+        c = self.config.input_channels
+        if c == 4 and isinstance(pixels, torch.Tensor) and pixels.dim() in (4, 5) and pixels.shape[1] == 3:
+            # RGB into the RGBA VAE: fully opaque (alpha 1 in [0, 1], +1 in the VAE's [-1, 1]).
+            pixels = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)
+        x = self._as_4d(pixels, c, "encode")
         f = self.config.spatial_factor
         h, w = x.shape[-2:]
         if h < f or w < f:
@@ -422,7 +441,8 @@ class WanVAE(nn.Module):
         tiles crossfaded over 128 px). ``progress(done, total)`` is called after each tile."""
         z = self._as_4d(z, self.config.z_dim, "decode")
         f = self.config.spatial_factor
-        return self._tiled(z, self._decode_raw, 3, tuple(z.shape[-2:]), tile, overlap, 1, f, progress)
+        return self._tiled(z, self._decode_raw, self.config.input_channels, tuple(z.shape[-2:]), tile, overlap, 1, f,
+                           progress)
 
     @torch.no_grad()
     def encode_tiled(

@@ -51,6 +51,27 @@ def to_4d(samples: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return samples, False
 
 
+def has_frames(samples: torch.Tensor) -> bool:
+    """A Qwen-Image-Layered latent ``[B,16,F,h,w]`` with F > 1 (frame 0 the composite, then the layers)."""
+    return samples.ndim == 5 and samples.shape[2] > 1
+
+
+# Which family a latent tensor belongs to, where a node of this pack knows it: True for latents
+# of Qwen-Image-Layered (its RGBA VAE's encodings, its sampler outputs), False for plain Qwen-Image
+# ones; absent (None) otherwise. A plain attribute on the tensor, so it survives ComfyUI nodes that
+# pass the tensor on unchanged (ReferenceLatent) and vanishes with any new tensor.
+LAYERED_TAG = "qwenimage_layered"
+
+
+def tag_layered(samples: torch.Tensor, layered: bool) -> torch.Tensor:
+    setattr(samples, LAYERED_TAG, bool(layered))
+    return samples
+
+
+def layered_tag(samples) -> bool | None:
+    return getattr(samples, LAYERED_TAG, None)
+
+
 def check_channels(samples: torch.Tensor) -> None:
     if samples.shape[1] != LATENT_CHANNELS:
         raise ValueError(

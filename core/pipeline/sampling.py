@@ -1,6 +1,7 @@
 """Rectified-flow sampling as pure functions: noise, true CFG, the Euler loop, masks.
 
-Everything here works on *normalized* latents ``[B,16,h,w]``; the caller converts from and to
+Everything here works on *normalized* latents ``[B,16,h,w]`` (Qwen-Image-Layered: ``[B,16,F,h,w]``,
+F frames denoised together); the caller converts from and to
 raw VAE space with ``latent_format``. The model is reached only through ``velocity_fn(x, sigma)``
 so the same loop serves every model format, LoRA, ControlNet and offload strategy.
 """
@@ -17,18 +18,27 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-def initial_noise(seed: int, batch: int, height: int, width: int, channels: int = 16) -> torch.Tensor:
+def initial_noise(seed: int, batch: int, height: int, width: int, channels: int = 16,
+                  frames: int | None = None) -> torch.Tensor:
     """The noise diffusers' QwenImagePipeline draws for ``seed``.
 
     diffusers samples ``randn((B, 1, C, h, w))`` from a CPU generator seeded with ``seed``; drawing
     the same shape in the same order gives bit-identical noise, so seeds reproduce across both.
+    With ``frames`` (Qwen-Image-Layered) it is QwenImageLayeredPipeline's ``randn((B, F, C, h, w))``,
+    returned as ``[B, C, F, h, w]``.
     """
     gen = torch.Generator("cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    return torch.randn((batch, 1, channels, height, width), generator=gen, dtype=torch.float32)[:, 0]
+    noise = torch.randn((batch, frames or 1, channels, height, width), generator=gen, dtype=torch.float32)
+    return noise[:, 0] if frames is None else noise.permute(0, 2, 1, 3, 4).contiguous()
 
 
 def _packed_norm(v: torch.Tensor) -> torch.Tensor:
-    """Per-token L2 norm over the 64 packed channels (2x2 patch x 16 channels), shaped like ``v``."""
+    """Per-token L2 norm over the 64 packed channels (2x2 patch x 16 channels), shaped like ``v``
+    (``[B,C,h,w]``, or ``[B,C,F,h,w]``: per frame)."""
+    if v.ndim == 5:
+        b, c, f, h, w = v.shape
+        n = _packed_norm(v.transpose(1, 2).reshape(b * f, c, h, w))
+        return n.view(b, f, 1, h, w).transpose(1, 2)
     b, c, h, w = v.shape
     ph, pw = h % 2, w % 2
     vp = F.pad(v, (0, pw, 0, ph)) if (ph or pw) else v

@@ -1,7 +1,8 @@
 """Rectified-flow sigma schedules as pure functions (FACTS section 5).
 
 ``dynamic`` reproduces diffusers' Qwen-Image scheduler (resolution-dependent exponential
-shift, stretched to a terminal sigma of 0.02); ``constant`` is the fixed shift the Lightning
+shift, stretched to a terminal sigma of 0.02; Qwen-Image-Layered's pipeline takes its exponent
+from ``layered_mu`` instead of the linear ``dynamic_mu``); ``constant`` is the fixed shift the Lightning
 LoRAs were distilled with (3.0, no stretch).
 """
 from __future__ import annotations
@@ -26,6 +27,12 @@ def dynamic_mu(seq_len: int) -> float:
     return seq_len * slope + (BASE_SHIFT - slope * BASE_SEQ_LEN)
 
 
+def layered_mu(seq_len: int) -> float:
+    """QwenImageLayeredPipeline's exponent: ``sqrt(tokens / 256)`` for ``seq_len`` packed tokens of
+    one image (640x640 -> 1600 tokens -> 2.5; 1024x1024 -> 4.0)."""
+    return math.sqrt(seq_len / BASE_SEQ_LEN)
+
+
 def image_seq_len(latent_h: int, latent_w: int) -> int:
     """Packed tokens of the noisy latent (reference images do not count)."""
     return ((latent_h + 1) // 2) * ((latent_w + 1) // 2)
@@ -41,10 +48,12 @@ def _stretch_to_terminal(s: torch.Tensor, terminal: float) -> torch.Tensor:
     return 1.0 - one_minus / scale
 
 
-def flow_sigmas(steps: int, shift_mode: str = "dynamic", shift: float = 3.0, seq_len: int = 4096) -> torch.Tensor:
+def flow_sigmas(steps: int, shift_mode: str = "dynamic", shift: float = 3.0, seq_len: int = 4096,
+                mu: float | None = None) -> torch.Tensor:
     """``steps + 1`` float32 sigmas from 1 down to 0.
 
-    dynamic: shift exp(mu(seq_len)), then stretched so the last non-zero sigma is 0.02.
+    dynamic: shift exp(mu(seq_len)), then stretched so the last non-zero sigma is 0.02; ``mu``,
+    when given, replaces ``dynamic_mu(seq_len)`` (Qwen-Image-Layered: ``layered_mu``).
     constant: sigma' = shift*t / (1 + (shift-1)*t), no stretch (Lightning: shift 3).
     """
     if steps < 1:
@@ -53,7 +62,7 @@ def flow_sigmas(steps: int, shift_mode: str = "dynamic", shift: float = 3.0, seq
         raise ValueError(f"shift_mode must be one of {SHIFT_MODES}, got {shift_mode!r}")
     t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
     if shift_mode == "dynamic":
-        s = _exponential_shift(dynamic_mu(seq_len), t)
+        s = _exponential_shift(dynamic_mu(seq_len) if mu is None else mu, t)
         # One step leaves nothing to stretch (the formula divides 0 by 0): a single
         # step from pure noise to the clean image is what the user asked for.
         if steps > 1:
