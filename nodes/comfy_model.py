@@ -11,9 +11,11 @@ LoRA patches). What ComfyUI threads through a diffusion model is honoured:
 - ``DIFFUSION_MODEL`` wrappers (EasyCache, ...) wrap our forward as they wrap ComfyUI's;
 - ``double_block`` patches (core ``QwenImageDiffsynthControlnet``) and core ControlNet residuals
   (``control["input"]``) are applied after each block, on the image stream, as ComfyUI does;
-- block replacement (``patches_replace["dit"]``) is refused by name;
-- core Fun ControlNets (Qwen-Image-2512-Fun-Controlnet-Union) compute their residuals with our
-  FunControlNet on our MMDiT (``comfy_fun``).
+- block replacement (``patches_replace["dit"]``) is refused by name.
+
+Qwen-Image-Layered runs the same way: ComfyUI's EmptyQwenImageLayeredLatentImage latent
+``[B, 16, L+1, h, w]`` reaches our MMDiT whole (a Layered MMDiT denoises its frames together,
+reference latents at frames -1, -2, ... as ComfyUI's "negative_index"); a plain MMDiT refuses it.
 
 The handle's speed options travel the same way: ``as_comfy_model`` puts its ``RunOptions`` in
 the MODEL's ``transformer_options`` (``OPTIONS_KEY``), ComfyUI hands them to ``_apply_model`` with
@@ -30,8 +32,9 @@ import torch
 
 from ..core.layers import lora_patch as lora
 from ..core.quant import gguf_kernels
-from . import comfy_fun, placement, runtime
+from . import placement, runtime
 from .handles import MODEL_TYPE
+from .latents import check_latents_for_model
 from .options import run_options, speed_settings
 
 OPTIONS_KEY = "qwenimage_options"  # transformer_options entry: the handle's RunOptions
@@ -94,6 +97,9 @@ if runtime.QwenImageBaseModel is not None:
             # would broadcast a 4-D reference latent into a wrong 5-D one.
             refs = kwargs.get("reference_latents")
             if refs is not None:
+                # Qwen-Image-Layered with the 3-channel VAE's encodings (or the other way round): by name.
+                layered = bool(getattr(getattr(self.diffusion_model, "config", None), "layered", False))
+                check_latents_for_model(refs, layered, "reference latent")
                 kwargs["reference_latents"] = [r.unsqueeze(2) if r.ndim == 4 else r for r in refs]
             return super().extra_conds(**kwargs)
 
@@ -131,14 +137,13 @@ def comfy_model_for(mmdit: torch.nn.Module):
 
 def _outer_sample(handle, executor, *args, **kwargs):
     """Around a core sampler's run: this handle's LoRAs and Torch Compile choice, as our sampler
-    does (its RunOptions reach the model through ``transformer_options``); core Fun ControlNets
-    in the conditioning run on our MMDiT (``comfy_fun``)."""
+    does (its RunOptions reach the model through ``transformer_options``)."""
     lora.apply_loras(handle.module, [(weights, strength) for _, weights, strength in handle.loras])
     device = runtime.compute_device()
     if device.type == "cuda":
         gguf_kernels.enable()
         gguf_kernels.prepare(handle.module)  # this model's GGUF weight shapes get the compiled kernels
-    with speed_settings(handle, device), comfy_fun.fun_controlnets_on_our_model(executor.class_obj):
+    with speed_settings(handle, device):
         return executor(*args, **kwargs)
 
 
