@@ -11,7 +11,9 @@ LoRA patches). What ComfyUI threads through a diffusion model is honoured:
 - ``DIFFUSION_MODEL`` wrappers (EasyCache, ...) wrap our forward as they wrap ComfyUI's;
 - ``double_block`` patches (core ``QwenImageDiffsynthControlnet``) and core ControlNet residuals
   (``control["input"]``) are applied after each block, on the image stream, as ComfyUI does;
-- block replacement (``patches_replace["dit"]``) is refused by name.
+- block replacement (``patches_replace["dit"]``) is refused by name;
+- core Fun ControlNets (Qwen-Image-2512-Fun-Controlnet-Union) compute their residuals with our
+  FunControlNet on our MMDiT (``comfy_fun``).
 
 Qwen-Image-Layered runs the same way: ComfyUI's EmptyQwenImageLayeredLatentImage latent
 ``[B, 16, L+1, h, w]`` reaches our MMDiT whole (a Layered MMDiT denoises its frames together,
@@ -32,7 +34,7 @@ import torch
 
 from ..core.layers import lora_patch as lora
 from ..core.quant import gguf_kernels
-from . import placement, runtime
+from . import comfy_fun, placement, runtime
 from .handles import MODEL_TYPE
 from .latents import check_latents_for_model
 from .options import run_options, speed_settings
@@ -137,13 +139,14 @@ def comfy_model_for(mmdit: torch.nn.Module):
 
 def _outer_sample(handle, executor, *args, **kwargs):
     """Around a core sampler's run: this handle's LoRAs and Torch Compile choice, as our sampler
-    does (its RunOptions reach the model through ``transformer_options``)."""
+    does (its RunOptions reach the model through ``transformer_options``); core Fun ControlNets
+    in the conditioning run on our MMDiT (``comfy_fun``)."""
     lora.apply_loras(handle.module, [(weights, strength) for _, weights, strength in handle.loras])
     device = runtime.compute_device()
     if device.type == "cuda":
         gguf_kernels.enable()
         gguf_kernels.prepare(handle.module)  # this model's GGUF weight shapes get the compiled kernels
-    with speed_settings(handle, device):
+    with speed_settings(handle, device), comfy_fun.fun_controlnets_on_our_model(executor.class_obj):
         return executor(*args, **kwargs)
 
 
