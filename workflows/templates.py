@@ -30,4 +30,6 @@ TEMPLATES = [
      "Repaint a masked area with InstantX's inpainting ControlNet."),
     ("qwen_image_union_control_lora", "Qwen-Image: union control LoRA",
      "Any control map (canny, depth, pose) through one LoRA, as a reference latent."),
+    ("qwen_image_2512_fun_controlnet", "Qwen-Image-2512: Fun ControlNet Union",
+     "Qwen-Image-2512 following a canny map with alibaba-pai's Fun ControlNet."),
 ]

@@ -59,5 +59,10 @@ export const TEMPLATE_INFO = Object.freeze([
     "name": "qwen_image_union_control_lora",
     "title": "Qwen-Image: union control LoRA",
     "description": "Any control map (canny, depth, pose) through one LoRA, as a reference latent."
+  },
+  {
+    "name": "qwen_image_2512_fun_controlnet",
+    "title": "Qwen-Image-2512: Fun ControlNet Union",
+    "description": "Qwen-Image-2512 following a canny map with alibaba-pai's Fun ControlNet."
   }
 ]);

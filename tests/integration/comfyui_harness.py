@@ -39,6 +39,7 @@ TINY = {
     "lora": ("loras", "qwen_image_tiny_lora.safetensors"),
     "controlnet_union": ("controlnet", "qwen_image_controlnet_union_tiny.safetensors"),
     "controlnet_inpaint": ("controlnet", "qwen_image_controlnet_inpainting_tiny.safetensors"),
+    "controlnet_fun": ("controlnet", "qwen_image_2512_fun_controlnet_tiny.safetensors"),
     "patch_diffsynth": ("model_patches", "qwen_image_canny_diffsynth_tiny.safetensors"),
     "patch_diffsynth_inpaint": ("model_patches", "qwen_image_inpaint_diffsynth_tiny.safetensors"),
 }
@@ -49,6 +50,8 @@ def controlnet_file_for(name: str) -> str:
     n = name.lower()
     if "diffsynth" in n:
         return "patch_diffsynth_inpaint" if "inpaint" in n else "patch_diffsynth"
+    if "fun" in n:
+        return "controlnet_fun"
     return "controlnet_inpaint" if "inpaint" in n else "controlnet_union"
 
 
@@ -124,6 +127,8 @@ def write_tiny_models(models: Path) -> dict[str, str]:
         save_file({k: v.detach().contiguous() for k, v in cn.state_dict().items()}, path[key])
     for key, extra in (("patch_diffsynth", 0), ("patch_diffsynth_inpaint", 4)):
         save_file(refs.diffsynth_patch_state(g, refs.TINY_MMDIT["num_layers"], extra), path[key])
+    # alibaba-pai's Fun ControlNet in its file layout: one control block per tiny main block.
+    save_file(refs.fun_controlnet_state(g, blocks=refs.TINY_MMDIT["num_layers"]), path["controlnet_fun"])
     return {key: name for key, (_, name) in TINY.items()}
 
 
