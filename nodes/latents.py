@@ -90,12 +90,19 @@ class QwenImageEmptyLayeredLatent:
                 "layers": ("INT", {"default": 3, "min": 0, "max": MAX_LAYERS, "tooltip": "RGBA layers to make, besides the composite (frame 0). 0: one image (Layered-Control extracts one layer)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
             },
+            "optional": {
+                "size_from": ("LATENT", {"tooltip": "The input image's latent (VAE Encode): when connected, width and "
+                                                    "height are taken from it, rounded to multiples of 16."}),
+            },
         }
 
-    def generate(self, width, height, layers, batch_size):
+    def generate(self, width, height, layers, batch_size, size_from=None):
         layers = int(layers)
         if not 0 <= layers <= MAX_LAYERS:
             raise ValueError(f"layers must be between 0 and {MAX_LAYERS}; got {layers}")
+        if size_from is not None:  # the decomposed image's own size, as the official template reads it
+            height, width = (int(n) * 8 for n in size_from["samples"].shape[-2:])
+            width, height = max(16, width // 16 * 16), max(16, height // 16 * 16)
         width, height = round16(width, "width"), round16(height, "height")
         samples = torch.zeros(int(batch_size), lf.LATENT_CHANNELS, layers + 1, height // 8, width // 8)
         return ({"samples": lf.tag_layered(samples, True)},)

@@ -20,10 +20,10 @@ MIN_HEIGHT = {
     "Canny": 82, "ImageScaleToMaxDimension": 82, "KSampler": 262, "LoadImage": 326, "MarkdownNote": 88, "ModelSamplingAuraFlow": 58,
     "PreviewImage": 26, "QwenImageAsComfyModel": 26, "QwenImageControlNetApply": 206,
     "QwenImageControlNetLoader": 82, "QwenImageControlReference": 90, "QwenImageDiTLoader": 106, "QwenImageEditEncode": 236,
-    "QwenImageEmptyLatent": 130, "QwenImageInpaintMask": 46, "QwenImageLoraLoader": 82, "QwenImageMatchSize": 46,
+    "QwenImageEmptyLatent": 130, "QwenImageEmptyLayeredLatent": 154, "QwenImageDecodeLayers": 126, "QwenImageInpaintMask": 46, "QwenImageLoraLoader": 82, "QwenImageMatchSize": 46,
     "QwenImageSampler": 286, "QwenImageSpeedOptions": 82, "QwenImageTextEncode": 88,
     "QwenImageTextEncoderLoader": 106, "QwenImageTorchCompile": 82, "QwenImageVAEDecode": 78,
-    "QwenImageVAEEncode": 78, "QwenImageVAELoader": 58, "SaveImage": 58,
+    "QwenImageVAEEncode": 78, "QwenImageVAELoader": 58, "ReferenceLatent": 46, "SaveImage": 58,
 }
 # Loaders get a row under their widgets for the badge that says what was loaded (js/qwenimage.js
 # adds the same BADGE_ROW to computeSize, so a loader placed by hand gets it too).

@@ -32,4 +32,8 @@ TEMPLATES = [
      "Any control map (canny, depth, pose) through one LoRA, as a reference latent."),
     ("qwen_image_2512_fun_controlnet", "Qwen-Image-2512: Fun ControlNet Union",
      "Qwen-Image-2512 following a canny map with alibaba-pai's Fun ControlNet."),
+    ("qwen_image_layered", "Qwen-Image-Layered: image to RGBA layers",
+     "Decompose a picture into transparent layers (PNG with alpha)."),
+    ("qwen_image_layered_control", "Qwen-Image-Layered-Control: one layer by name",
+     "Take out the element a prompt names as a transparent layer."),
 ]

@@ -64,5 +64,15 @@ export const TEMPLATE_INFO = Object.freeze([
     "name": "qwen_image_2512_fun_controlnet",
     "title": "Qwen-Image-2512: Fun ControlNet Union",
     "description": "Qwen-Image-2512 following a canny map with alibaba-pai's Fun ControlNet."
+  },
+  {
+    "name": "qwen_image_layered",
+    "title": "Qwen-Image-Layered: image to RGBA layers",
+    "description": "Decompose a picture into transparent layers (PNG with alpha)."
+  },
+  {
+    "name": "qwen_image_layered_control",
+    "title": "Qwen-Image-Layered-Control: one layer by name",
+    "description": "Take out the element a prompt names as a transparent layer."
   }
 ]);

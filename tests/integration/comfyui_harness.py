@@ -40,6 +40,8 @@ TINY = {
     "controlnet_union": ("controlnet", "qwen_image_controlnet_union_tiny.safetensors"),
     "controlnet_inpaint": ("controlnet", "qwen_image_controlnet_inpainting_tiny.safetensors"),
     "controlnet_fun": ("controlnet", "qwen_image_2512_fun_controlnet_tiny.safetensors"),
+    "model_layered": ("diffusion_models", "qwen_image_layered_tiny.safetensors"),
+    "vae_layered": ("vae", "qwen_image_layered_vae_tiny.safetensors"),
     "patch_diffsynth": ("model_patches", "qwen_image_canny_diffsynth_tiny.safetensors"),
     "patch_diffsynth_inpaint": ("model_patches", "qwen_image_inpaint_diffsynth_tiny.safetensors"),
 }
@@ -127,6 +129,16 @@ def write_tiny_models(models: Path) -> dict[str, str]:
         save_file({k: v.detach().contiguous() for k, v in cn.state_dict().items()}, path[key])
     for key, extra in (("patch_diffsynth", 0), ("patch_diffsynth_inpaint", 4)):
         save_file(refs.diffsynth_patch_state(g, refs.TINY_MMDIT["num_layers"], extra), path[key])
+    # Qwen-Image-Layered: the extra timestep embedding and layer RoPE; its VAE takes RGBA (4 channels).
+    layered = refs.tiny_transformer(seed=3, use_additional_t_cond=True, use_layer3d_rope=True)
+    save_file({"model.diffusion_model." + k: v.detach().contiguous() for k, v in layered.state_dict().items()},
+              path["model_layered"])
+    from diffusers import AutoencoderKLQwenImage
+
+    rgba = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                                  temperal_downsample=[False, True, True], input_channels=4).eval()
+    refs._randomize(rgba, 8, std=0.08)
+    save_file({k: v.detach().contiguous() for k, v in rgba.state_dict().items()}, path["vae_layered"])
     # alibaba-pai's Fun ControlNet in its file layout: one control block per tiny main block.
     save_file(refs.fun_controlnet_state(g, blocks=refs.TINY_MMDIT["num_layers"]), path["controlnet_fun"])
     return {key: name for key, (_, name) in TINY.items()}

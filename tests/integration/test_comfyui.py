@@ -54,20 +54,24 @@ def plan(prompt: dict, files: dict, object_info: dict, picture: Path):
     for node_id, node in prompt.items():
         t, inputs = node["class_type"], node["inputs"]
         if t == "QwenImageDiTLoader":
-            key = "model_gguf" if inputs["model_name"].lower().endswith(".gguf") else "model"
+            name = inputs["model_name"].lower()
+            key = "model_gguf" if name.endswith(".gguf") else "model_layered" if "layered" in name else "model"
             args += ["--set", f"{node_id}.model_name={files[key]}"]
             handled[(node_id, "model_name")] = True
         elif t == "QwenImageTextEncoderLoader":
             args += ["--set", f"{node_id}.text_encoder_name={files['text_encoder']}"]
             handled[(node_id, "text_encoder_name")] = True
         elif t == "QwenImageVAELoader":
+            if "layered" in inputs["vae_name"].lower():  # the RGBA VAE
+                args += ["--set", f"{node_id}.vae_name={files['vae_layered']}"]
             handled[(node_id, "vae_name")] = True
         elif t == "QwenImageLoraLoader":
             handled[(node_id, "lora_name")] = True
         elif t == "QwenImageControlNetLoader":
             args += ["--set", f"{node_id}.controlnet_name={files[controlnet_file_for(inputs['controlnet_name'])]}"]
             handled[(node_id, "controlnet_name")] = True
-    if any(n["class_type"] == "QwenImageVAELoader" for n in prompt.values()):
+    if any(n["class_type"] == "QwenImageVAELoader" and "layered" not in n["inputs"]["vae_name"].lower()
+           for n in prompt.values()):
         args += ["--vae", files["vae"]]
     if any(n["class_type"] == "QwenImageLoraLoader" for n in prompt.values()):
         args += ["--lora", files["lora"]]
@@ -87,10 +91,12 @@ def plan(prompt: dict, files: dict, object_info: dict, picture: Path):
         if node["class_type"] == "ImageScaleToMaxDimension":
             # Small, not 1328: the control map then sets an output of round(side * scale),
             # cropped to multiples of 8 by the VAE encode (Control Reference).
-            largest = 120
+            largest = 128
             args += ["--set", f"{node_id}.largest_size={largest}"]
             scale = largest / max(PICTURE_SIZE)
             size = tuple(round(side * scale) // 8 * 8 for side in PICTURE_SIZE)
+            if any(n["class_type"] == "QwenImageEmptyLayeredLatent" for n in prompt.values()):
+                size = tuple(side // 16 * 16 for side in size)  # the layered latent takes the input's size in 16s
     if any(n["class_type"] == "LoadImage" for n in prompt.values()):
         args += ["--image", str(picture)]
     return args, size
@@ -131,6 +137,8 @@ def test_bundled_workflow_runs(server, object_info, picture, workflow, tmp_path)
     args, size = plan(prompt, server.files, object_info, picture)
     saved = run_cli(server, workflow, args, tmp_path / "out")
     batch = sum(int(n["inputs"].get("batch_size", 1)) for n in prompt.values() if n["class_type"] in LATENT_NODES) or 1
+    batch *= max([int(n["inputs"]["layers"]) for n in prompt.values() if n["class_type"] == "QwenImageEmptyLayeredLatent"]
+                 or [1])  # one image per layer
     assert len(saved) == batch * sum(1 for n in prompt.values() if n["class_type"] == "SaveImage"), saved
     for path in saved:
         with Image.open(path) as img:
