@@ -246,3 +246,13 @@ def _plain_module(module):
     plain = QwenImageMMDiT(cfg).eval()
     plain.load_state_dict({k: v for k, v in module.state_dict().items() if "addition_t_embedding" not in k})
     return plain
+
+
+def test_empty_layered_latent_takes_its_size_from_a_connected_latent():
+    from qwenimage_pack.nodes.latents import QwenImageEmptyLayeredLatent
+
+    node = QwenImageEmptyLayeredLatent()
+    (out,) = node.generate(640, 640, 2, 1, size_from={"samples": torch.zeros(1, 16, 53, 80)})
+    assert tuple(out["samples"].shape) == (1, 16, 3, 52, 80)  # 424 x 640 px, in steps of 16: 416 x 640
+    (plain,) = node.generate(640, 480, 3, 2)
+    assert tuple(plain["samples"].shape) == (2, 16, 4, 60, 80)
