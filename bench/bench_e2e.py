@@ -51,7 +51,7 @@ def parse_args(argv=None):
 
 
 def build_text_encoder(device, smoke: bool):
-    te = common.pack("core.models.text_encoder")
+    te = common.pack("core.encoders.text_encoder")
     cfg = (te.TextEncoderConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                 head_dim=16, intermediate_size=128, mrope_section=(2, 3, 3))
            if smoke else te.TextEncoderConfig())
@@ -61,7 +61,7 @@ def build_text_encoder(device, smoke: bool):
 
 
 def build_vae(device, smoke: bool):
-    vae = common.pack("core.models.vae")
+    vae = common.pack("core.encoders.vae")
     with torch.device("meta"):
         model = vae.WanVAE(vae.VAEConfig(base_dim=8) if smoke else vae.VAEConfig())
     return common.materialize(model, device, torch.bfloat16)

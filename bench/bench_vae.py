@@ -40,7 +40,7 @@ def parse_args(argv=None):
 
 
 def build_vae(device, dtype, smoke: bool):
-    vae = common.pack("core.models.vae")
+    vae = common.pack("core.encoders.vae")
     cfg = vae.VAEConfig(base_dim=8) if smoke else vae.VAEConfig()
     with torch.device("meta"):
         model = vae.WanVAE(cfg)
@@ -49,7 +49,7 @@ def build_vae(device, dtype, smoke: bool):
 
 def seam_band_mask(size_lat: int, scale: int, tile: int, overlap: int) -> torch.Tensor:
     """Pixels within the overlap bands between tiles along one axis (where blending happens)."""
-    vae = common.pack("core.models.vae")
+    vae = common.pack("core.encoders.vae")
     starts = vae._tile_starts(size_lat, min(tile, size_lat), overlap)
     band = torch.zeros(size_lat * scale, dtype=torch.bool)
     for s in starts[1:]:

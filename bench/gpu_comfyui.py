@@ -96,7 +96,7 @@ def write_core_vae(models: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
+    from qwenimage_pack.core.encoders.vae import VAEConfig, WanVAE
 
     torch.manual_seed(9)
     state = {k: v.contiguous() for k, v in WanVAE(VAEConfig(base_dim=16)).state_dict().items()}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.models import text_encoder as te
+from ..core.encoders import text_encoder as te
 from . import placement, runtime
 from .handles import TEXT_ENCODER_TYPE, VAE_TYPE
 from .latents import QwenImageVAEEncode

@@ -7,7 +7,7 @@ import torch
 
 from ..core.pipeline import edit as E
 from ..core.pipeline import latent_format as lf
-from ..core.models.vision import QwenVisionTower, build_vision_tower
+from ..core.encoders.vision import QwenVisionTower, build_vision_tower
 from . import placement, runtime
 from .conditioning import make_conditioning
 from .handles import MODEL_TYPE, TEXT_ENCODER_TYPE, VAE_TYPE

@@ -132,7 +132,7 @@ class QwenImageTextEncoderLoader:
         }
 
     def load(self, text_encoder_name, weight_dtype="default", mmproj_name=_NONE, unique_id=None):
-        from ..core.models import tokenizer as tok
+        from ..core.encoders import tokenizer as tok
 
         path = runtime.resolve_choice(text_encoder_name, "text_encoders")
         mmproj = None

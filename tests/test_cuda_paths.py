@@ -31,7 +31,7 @@ from qwenimage_pack.core.pipeline import streaming
 from qwenimage_pack.core.pipeline import compile as block_compile
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
 from qwenimage_pack.core.layers.run_options import RunOptions
-from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
+from qwenimage_pack.core.encoders.vae import VAEConfig, WanVAE
 from qwenimage_pack.core.layers import fold
 from qwenimage_pack.core.quant import gguf_dequant as dequant, gguf_kernels
 from qwenimage_pack.core.layers.linear import Linear

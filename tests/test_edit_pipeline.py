@@ -21,7 +21,7 @@ import torch
 
 import references as refs
 from qwenimage_pack.core.pipeline import edit as E
-from qwenimage_pack.core.models.tokenizer import IMAGE_PAD_ID
+from qwenimage_pack.core.encoders.tokenizer import IMAGE_PAD_ID
 from test_vision_parity import hf_processor
 
 torch.set_num_threads(2)

@@ -47,7 +47,7 @@ def test_every_public_exception_of_the_pack_has_a_short_name():
 
 
 def _errors():
-    from qwenimage_pack.core.models.tokenizer import TokenizerNotFoundError
+    from qwenimage_pack.core.encoders.tokenizer import TokenizerNotFoundError
     from qwenimage_pack.core.errors import WeightFileError
     from qwenimage_pack.nodes.runtime import ModelFileNotFound
 

@@ -266,7 +266,7 @@ def text_forward(model, ids=None):
 
 
 def test_text_gguf_matches_transformers(text_gguf):
-    from qwenimage_pack.core.models.text_encoder import QwenTextEncoder, TextEncoderConfig
+    from qwenimage_pack.core.encoders.text_encoder import QwenTextEncoder, TextEncoderConfig
 
     path, ref, hf_names = text_gguf
     contents = read_gguf(path, expect="text")
@@ -422,7 +422,7 @@ SAMPLES = [
 def test_tokenizer_from_gguf_metadata(tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from qwenimage_pack.core.models.tokenizer import QwenTokenizer
+    from qwenimage_pack.core.encoders.tokenizer import QwenTokenizer
     from qwenimage_pack.core.loading.gguf_tokenizer import GGUFTokenizer, build_tokenizer, tokenizer_from_gguf
 
     tokens, types, merges = llama_cpp_token_arrays(tokenizer_dir)

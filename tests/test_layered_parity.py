@@ -25,7 +25,7 @@ from qwenimage_pack.core.keymaps.mmdit import LAYERED_KEY, mmdit_config_from_sha
 from qwenimage_pack.core.keymaps.vae import convert_vae_keys, vae_config  # noqa: E402
 from qwenimage_pack.core.loading.load import load_mmdit, load_vae  # noqa: E402
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT  # noqa: E402
-from qwenimage_pack.core.models.vae import VAEConfig, WanVAE  # noqa: E402
+from qwenimage_pack.core.encoders.vae import VAEConfig, WanVAE  # noqa: E402
 
 TOL = 1e-5  # relative; the issue asks 1e-3 absolute on images, the model itself is much closer
 

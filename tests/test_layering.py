@@ -20,6 +20,7 @@ FLOORS = {
     "core/quant": 1,
     "core/layers": 2,
     "core/models": 3,
+    "core/encoders": 3,
     "core/formats": 4,
     "core/pipeline": 4,
     "core/keymaps": 5,

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from qwenimage_pack.core.models.mmdit import QwenImageMMDiT
-from qwenimage_pack.core.models.text_encoder import QwenTextEncoder
-from qwenimage_pack.core.models.vae import WanVAE
+from qwenimage_pack.core.encoders.text_encoder import QwenTextEncoder
+from qwenimage_pack.core.encoders.vae import WanVAE
 from qwenimage_pack.core.errors import WeightFileError
 from qwenimage_pack.core.loading.load import inspect_file, load_mmdit, load_text_encoder, load_vae
 

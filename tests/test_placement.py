@@ -118,7 +118,7 @@ def test_a_big_model_streams_its_blocks(monkeypatch):
 
 def test_text_encoder_streams_when_it_does_not_fit(monkeypatch):
     """The text encoder node asks for streaming: a bf16 7B encoder does not fit an 8-12 GB card."""
-    from qwenimage_pack.core.models.text_encoder import QwenTextEncoder, TextEncoderConfig
+    from qwenimage_pack.core.encoders.text_encoder import QwenTextEncoder, TextEncoderConfig
 
     model = QwenTextEncoder(TextEncoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
                                               num_kv_heads=1, head_dim=16, intermediate_size=64,

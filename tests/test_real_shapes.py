@@ -2,8 +2,8 @@
 import torch
 
 from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
-from qwenimage_pack.core.models.text_encoder import QwenTextEncoder, TextEncoderConfig
-from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
+from qwenimage_pack.core.encoders.text_encoder import QwenTextEncoder, TextEncoderConfig
+from qwenimage_pack.core.encoders.vae import VAEConfig, WanVAE
 
 
 def _count(module):

@@ -7,7 +7,7 @@ import torch
 
 import references as refs
 
-from qwenimage_pack.core.models.text_encoder import QwenTextEncoder, TextEncoderConfig, encode_text
+from qwenimage_pack.core.encoders.text_encoder import QwenTextEncoder, TextEncoderConfig, encode_text
 from qwenimage_pack.core.keymaps.text import convert_text_encoder_keys, text_encoder_config
 
 transformers = pytest.importorskip("transformers")
@@ -138,7 +138,7 @@ def test_config_from_hf_and_from_shapes(reference):
 
 def test_prompt_embeds_match_diffusers(reference, ours, tokenizer_dir):
     diffusers = pytest.importorskip("diffusers")
-    from qwenimage_pack.core.models.tokenizer import QwenTokenizer
+    from qwenimage_pack.core.encoders.tokenizer import QwenTokenizer
 
     pipe = diffusers.QwenImagePipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, transformer=None,

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from qwenimage_pack.core.models import tokenizer as T
+from qwenimage_pack.core.encoders import tokenizer as T
 from qwenimage_pack.core.errors import WeightFileError
 
 transformers = pytest.importorskip("transformers")

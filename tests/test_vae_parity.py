@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
+from qwenimage_pack.core.encoders.vae import VAEConfig, WanVAE
 from qwenimage_pack.core.errors import WeightFileError
 from qwenimage_pack.core.keymaps.vae import (
     vae_config,

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage
 
-import qwenimage_pack.core.models.vae as vae_mod
-from qwenimage_pack.core.models.vae import VAEConfig, WanVAE
+import qwenimage_pack.core.encoders.vae as vae_mod
+from qwenimage_pack.core.encoders.vae import VAEConfig, WanVAE
 from qwenimage_pack.core.keymaps.vae import convert_vae_keys
 
 TILE, OVERLAP = 12, 4  # latent px; 30x38 latents need 4x5 tiles, neither side a multiple of the stride

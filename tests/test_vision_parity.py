@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 import references as refs
 from qwenimage_pack.core.pipeline import edit as E
-from qwenimage_pack.core.models import vision as V
-from qwenimage_pack.core.models.tokenizer import IMAGE_PAD_ID, QwenTokenizer, build_prompt
+from qwenimage_pack.core.encoders import vision as V
+from qwenimage_pack.core.encoders.tokenizer import IMAGE_PAD_ID, QwenTokenizer, build_prompt
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)

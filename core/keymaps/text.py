@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
-from ..models.text_encoder import TextEncoderConfig, default_mrope_sections
+from ..encoders.text_encoder import TextEncoderConfig, default_mrope_sections
 
 LM = "lm"
 VISION = "vision"

@@ -14,7 +14,7 @@ import re
 from typing import Any, Iterable, Mapping, TypeVar
 
 from ..errors import WeightFileError
-from ..models.vae import VAEConfig
+from ..encoders.vae import VAEConfig
 
 T = TypeVar("T")
 

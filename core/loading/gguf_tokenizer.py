@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable, Mapping
 
-from ..models.tokenizer import ADDED_TOKENS, PRETOKENIZE_PATTERN, QwenTokenizer
+from ..encoders.tokenizer import ADDED_TOKENS, PRETOKENIZE_PATTERN, QwenTokenizer
 from ..errors import WeightFileError
 
 _CONTROL, _USER_DEFINED = 3, 4

@@ -136,7 +136,7 @@ def load_text_encoder(path, weight_dtype: str = "default", device="cpu", compute
     when there are none. ``weight_dtype`` as for :func:`load_mmdit` ("fp8_e4m3fn" quantizes the
     decoder layers' Linear weights).
     """
-    from ..models.text_encoder import QwenTextEncoder, TextEncoderConfig
+    from ..encoders.text_encoder import QwenTextEncoder, TextEncoderConfig
     from ..keymaps.text import DROP, VISION, text_encoder_config, text_key
 
     def prepare(source, found: Detected, shapes, p: Path):
@@ -204,7 +204,7 @@ _VAE_PREFIXES = ("first_stage_model.", "vae.")
 def load_vae(path, dtype=torch.float32, device="cpu"):
     """Load the Wan-2.1 / Qwen-Image VAE (original Wan names, diffusers names or a diffusers
     ``vae/`` folder), every floating tensor stored as ``dtype``."""
-    from ..models.vae import VAEConfig, WanVAE
+    from ..encoders.vae import VAEConfig, WanVAE
     from ..keymaps.vae import infer_num_res_blocks, is_diffusers_name, vae_config, vae_key
 
     dtype = as_dtype(dtype, "dtype") or torch.float32

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.tokenizer import IMAGE_PAD_ID, encode_prompt_ids
-from ..models.vision import QwenVisionTower, VisionConfig, image_to_patches, normalize_pixels
+from ..encoders.tokenizer import IMAGE_PAD_ID, encode_prompt_ids
+from ..encoders.vision import QwenVisionTower, VisionConfig, image_to_patches, normalize_pixels
 
 VAE_AREA = 1024 * 1024
 PLUS_VISION_AREA = 384 * 384
