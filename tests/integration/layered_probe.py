@@ -43,8 +43,13 @@ def conditioning(seed: int, refs=None):
 
 
 def core_empty_layered() -> dict:
-    from comfy_extras.nodes_qwen import EmptyQwenImageLayeredLatentImage
+    """ComfyUI's EmptyQwenImageLayeredLatentImage; ComfyUI 0.3.64 predates it: ours, the same tensor."""
+    try:
+        from comfy_extras.nodes_qwen import EmptyQwenImageLayeredLatentImage
+    except ImportError:
+        from qwenimage_pack.nodes.latents import QwenImageEmptyLayeredLatent
 
+        return QwenImageEmptyLayeredLatent().generate(W * 8, H * 8, LAYERS, 1)[0]
     result = EmptyQwenImageLayeredLatentImage.execute(W * 8, H * 8, LAYERS, 1)
     result = result[0] if isinstance(result, tuple) else result.result[0]
     return result

@@ -1,6 +1,7 @@
 """Qwen-Image-Layered through 'Qwen-Image as ComfyUI MODEL' in a real ComfyUI.
 
-ComfyUI's own EmptyQwenImageLayeredLatentImage latent ([B,16,layers+1,h,w]) runs through core
+ComfyUI's own EmptyQwenImageLayeredLatentImage latent ([B,16,layers+1,h,w]; ours on 0.3.64, which
+predates it) runs through core
 euler with a reference latent and gives our sampler's result (same sigmas and noise, cfg 1);
 KSampler runs it; a reference latent our VAE Encode made with the 3-channel VAE and a plain
 model given layers are refused by name. Runs in ComfyUI's own Python; skipped without COMFYUI_DIR.
