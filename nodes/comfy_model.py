@@ -33,7 +33,7 @@ import functools
 import torch
 
 from ..core.layers import lora_patch as lora
-from ..core.quant import gguf_kernels
+from ..core.quant import comfy_quant_kernels, gguf_kernels
 from . import comfy_fun, placement, runtime
 from .handles import MODEL_TYPE
 from .latents import check_latents_for_model
@@ -146,6 +146,7 @@ def _outer_sample(handle, executor, *args, **kwargs):
     if device.type == "cuda":
         gguf_kernels.enable()
         gguf_kernels.prepare(handle.module)  # this model's GGUF weight shapes get the compiled kernels
+        comfy_quant_kernels.prepare(handle.module)  # and its ComfyUI-format ones
     with speed_settings(handle, device), comfy_fun.fun_controlnets_on_our_model(executor.class_obj):
         return executor(*args, **kwargs)
 

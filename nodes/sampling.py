@@ -11,7 +11,7 @@ from ..core.pipeline import sampling as fm
 from ..core.pipeline import schedule
 from ..core.models.controlnet import step_hook
 from ..core.layers import fold
-from ..core.quant import gguf_kernels
+from ..core.quant import comfy_quant_kernels, gguf_kernels
 from . import controlnet as control_nodes
 from . import lora as lora_nodes
 from . import placement, runtime
@@ -274,6 +274,7 @@ def sample(
     _sync_loras(model)
     if device.type == "cuda":
         gguf_kernels.prepare(module)  # this model's GGUF weight shapes get the compiled kernels
+        comfy_quant_kernels.prepare(module)  # and its ComfyUI-format ones
     nets = control_nodes.prepared(pos + (neg or []), h, w)
     with placement.on_devices(device, (module, "transformer_blocks"), *[(net, None) for net in nets]) as placed, \
             torch.inference_mode(), speed_settings(model, device) as run_options:

@@ -108,3 +108,29 @@ def test_int8_tensor_core_matmul_against_the_decoded_weight(fmt):
     assert _rel(got, x.float() @ ref.T) <= 2e-2
     assert _rel(got, on_cpu) <= 1e-2
     assert not torch.equal(got.cpu(), lin(x.to(DEV)).cpu())  # the int8 path ran
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "int8_convrot"])
+def test_prepared_layers_decode_through_the_compiler(fmt):
+    """comfy_quant_kernels: a prepared layer's weight is decoded by its compiled kernel on the GPU,
+    checked against eager on its first call and kept (not dropped as different, no compiler failure)."""
+    from qwenimage_pack.core.quant import comfy_quant_kernels as kernels
+
+    quant, weight, side, ref = _layer(fmt)
+    lin = Linear(IN, OUT, bias=False, device="meta")
+    lin.set_comfy_quant(weight, side, quant, (OUT, IN))
+    lin.to(DEV)
+    kernels.reset()
+    old = kernels.min_elements
+    kernels.min_elements = 0
+    try:
+        assert kernels.prepare(lin) == 1
+        if STAND_IN:
+            pytest.skip("the compiled path runs on GPU tensors only")
+        w = lin.dense_weight(torch.bfloat16, DEV)
+        key = (quant, OUT, IN, torch.bfloat16, w.device)
+        assert not kernels._failed and kernels._compiled.get(key) not in (None, kernels._EAGER)
+        assert _rel(w, ref) <= 2 ** -8
+    finally:
+        kernels.min_elements = old
+        kernels.reset()

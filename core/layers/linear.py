@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import comfy_quant, fp8_matmul, int8_matmul
+from ..quant import comfy_quant, comfy_quant_kernels, fp8_matmul, int8_matmul
 from ..quant.gguf_dequant import dequantize as dequantize_blocks
 from .run_options import DEFAULT, RunOptions
 
@@ -99,7 +99,9 @@ class _CompactWeight:
             w = w.to(device, non_blocking=True)
         if self.comfy_quant is not None:
             out_features, in_features = self.quant_shape
-            return comfy_quant.dequantize(self.comfy_quant, w, self.quant_side(w.device), out_features, in_features, dtype)
+            # ``fused``: compiled per shape on a GPU where prepared (comfy_quant_kernels), else eager.
+            decode = comfy_quant_kernels.decode if fused else comfy_quant.dequantize
+            return decode(self.comfy_quant, w, self.quant_side(w.device), out_features, in_features, dtype)
         if self.quant_type is not None:
             cols = 1
             for n in self.quant_shape[1:]:
