@@ -13,15 +13,13 @@ import json
 import pytest
 import torch
 
-import references as refs
 from safetensors.torch import save_file
-from test_load_mmdit import inputs, rel_err, run_ours, run_ref, state, with_weights  # noqa: F401  (fixtures)
+from test_load_mmdit import inputs, ref, rel_err, run_ours, run_ref, state, with_weights  # noqa: F401  (fixtures)
 
 from qwenimage_pack.core.loading.load import load_mmdit
 
 ck_tensor = pytest.importorskip("comfy_kitchen.tensor")
 diffusers = pytest.importorskip("diffusers")
-from diffusers import QwenImageTransformer2DModel  # noqa: E402
 
 # format id -> (comfy_quant JSON, kitchen layout, layout kwargs). ConvRot groups of 16 divide the tiny widths.
 FORMATS = {
@@ -34,17 +32,6 @@ FORMATS = {
     "w4a8": ({"format": "asym_w4a8_int8", "group_size": 16, "convrot_groupsize": 16}, "AsymW4A8Int8Layout",
              {"group_size": 16, "convrot_groupsize": 16}),
 }
-
-
-@pytest.fixture(scope="module")
-def ref():
-    torch.manual_seed(0)
-    model = QwenImageTransformer2DModel(**refs.TINY_MMDIT).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def _quantized_file(ref, fmt: str, tmp_path, in_header: bool = False):

@@ -26,8 +26,9 @@ import references as refs
 
 pytest.importorskip("diffusers")
 from test_dfloat11 import QWEN_PATTERN, compress  # noqa: E402  (skips this module without the dfloat11 package)
+from test_load_mmdit import inputs, ref  # noqa: E402,F401  (the shared tiny model and its inputs: fixtures)
+from test_load_mmdit import run_ref as run_diffusers  # noqa: E402
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline  # noqa: E402
 
 from qwenimage_pack.core.errors import WeightFileError  # noqa: E402
 from qwenimage_pack.core.keymaps.detect import detect  # noqa: E402
@@ -86,20 +87,6 @@ def write_df11(folder, sd16: dict, config: dict | None = PUBLISHED_CONFIG, file=
 
 
 @pytest.fixture(scope="module")
-def ref():
-    torch.manual_seed(0)
-    model = QwenImageTransformer2DModel(**TINY).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # default init leaves biases 0 and norm gains 1: make every tensor count
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-@pytest.fixture(scope="module")
 def files(ref, tmp_path_factory):
     root = tmp_path_factory.mktemp("df11")
     sd16 = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in ref.state_dict().items()}
@@ -108,23 +95,9 @@ def files(ref, tmp_path_factory):
     return dict(root=root, sd16=sd16, bf16=root / "qwen_image_bf16.safetensors", df11=folder)
 
 
-@pytest.fixture(scope="module")
-def inputs():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(1, 16, 8, 10, generator=g), torch.tensor([0.6]), torch.randn(1, 7, 48, generator=g)
-
-
 def run(model, inputs, **kw):
     with torch.no_grad():
         return model(*inputs, **kw)
-
-
-def run_diffusers(model, x, sigma, ctx):
-    b, c, h, w = x.shape
-    with torch.no_grad():
-        out = model(hidden_states=QwenImagePipeline._pack_latents(x, b, c, h, w), encoder_hidden_states=ctx,
-                    timestep=sigma, img_shapes=[[(1, h // 2, w // 2)]], return_dict=False)[0]
-    return QwenImagePipeline._unpack_latents(out, h * 8, w * 8, 8)[:, :, 0]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
