@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT
 from qwenimage_pack.core.layers import attention
-from qwenimage_pack.core.quant import gguf_dequant as dequant, gguf_kernels
+from qwenimage_pack.core.quant import compiling, gguf_dequant as dequant, gguf_kernels
 from qwenimage_pack.core.layers.linear import Linear
 
 BENCH = ROOT / "bench"
@@ -118,7 +118,7 @@ def test_fused_compiles_registered_shapes_and_matches(fresh_fused):
     second = gguf_kernels.fused_dequantize(raw, 12, 512, torch.bfloat16)  # registered: compiled
     if gguf_kernels._failed:
         pytest.skip("torch.compile does not work in this environment (the eager fallback was used)")
-    assert gguf_kernels._close(second, ref, torch.bfloat16)
+    assert compiling.close_enough(second, ref, torch.bfloat16)
     assert gguf_kernels._compiled  # and kept for the next call
 
 
@@ -148,13 +148,13 @@ def test_fused_falls_back_on_compiler_errors_and_mismatches(fresh_fused, monkeyp
 def test_close_tolerates_reordering_not_wrong_values():
     b = torch.randn(1000) * 3
     a = b + b.abs().max() * 2e-7 * torch.randn(1000)
-    assert gguf_kernels._close(a, b, torch.float32)
+    assert compiling.close_enough(a, b, torch.float32)
     c = b.clone()
     c[5] += 0.01
-    assert not gguf_kernels._close(c, b, torch.float32)
+    assert not compiling.close_enough(c, b, torch.float32)
     nan = b.clone()
     nan[0] = float("nan")
-    assert not gguf_kernels._close(nan, b, torch.float32)
+    assert not compiling.close_enough(nan, b, torch.float32)
 
 
 # -- attention NaN guard -----------------------------------------------------------------------

@@ -33,7 +33,7 @@ from qwenimage_pack.core.models.mmdit import MMDiTConfig, QwenImageMMDiT
 from qwenimage_pack.core.layers.run_options import RunOptions
 from qwenimage_pack.core.encoders.vae import VAEConfig, WanVAE
 from qwenimage_pack.core.layers import fold
-from qwenimage_pack.core.quant import gguf_dequant as dequant, gguf_kernels
+from qwenimage_pack.core.quant import compiling, gguf_dequant as dequant, gguf_kernels
 from qwenimage_pack.core.layers.linear import Linear
 
 STAND_IN = os.environ.get("QWENIMAGE_CUDA_TESTS_ON", "").strip().lower() == "cpu"
@@ -447,12 +447,12 @@ def compiled_result(raw: torch.Tensor, qtype: int, cols: int, dtype) -> torch.Te
 
 def assert_bit_exact_or_fma(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
     """Bit-exact is the target; values that differ only as a fused multiply-add can make them
-    differ (``gguf_kernels._close``) are reported as an expected failure, anything else fails."""
+    differ (``compiling.close_enough``) are reported as an expected failure, anything else fails."""
     same = out.view(torch.int16 if dtype != torch.float32 else torch.int32) == \
         ref.view(torch.int16 if dtype != torch.float32 else torch.int32)
     if bool(same.all()):
         return
-    assert gguf_kernels._close(out, ref, dtype), \
+    assert compiling.close_enough(out, ref, dtype), \
         f"{int((~same).sum())} of {same.numel()} values wrong, e.g. {out[~same][:4].tolist()} vs {ref[~same][:4].tolist()}"
     pytest.xfail(f"not bit-exact: {int((~same).sum())} of {same.numel()} values differ within FMA rounding")
 

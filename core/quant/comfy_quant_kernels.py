@@ -16,13 +16,11 @@ Switch off with ``QWENIMAGE_FUSED_DEQUANT=0``.
 from __future__ import annotations
 
 import logging
-import os
-import types
 
 import torch
 import torch.nn as nn
 
-from . import comfy_quant
+from . import comfy_quant, compiling
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +33,7 @@ max_compiled = 48
 
 
 def available() -> bool:
-    if _failed or os.environ.get("QWENIMAGE_FUSED_DEQUANT", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _failed or compiling.switched_off():
         return False
     return hasattr(torch, "compile")
 
@@ -77,18 +75,8 @@ def _build(quant: comfy_quant.LayerQuant, out_features: int, in_features: int, d
     def run(weight, side):
         return comfy_quant.dequantize(quant, weight, side, out_features, in_features, dtype)
 
-    # A fresh code object per key: the compiler caches per code object, so keys never evict one another.
-    tag = f"comfy_{quant.format}_{out_features}x{in_features}_{str(dtype).replace('torch.', '')}"
-    fn = types.FunctionType(run.__code__.replace(co_name=tag), run.__globals__, tag, None, run.__closure__)
-    return torch.compile(fn, dynamic=False, fullgraph=True)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Equal up to one rounding of ``dtype`` (the compiler keeps products in float32 and rounds once,
-    eager rounds each product) and float32 reordering of the rotation's sums."""
-    a, b = a.float(), b.float()
-    tol = torch.finfo(dtype).eps * b.abs() + 8 * torch.finfo(torch.float32).eps * b.abs().max()
-    return bool(((a - b).abs() <= tol).all())
+    return compiling.compile_as(run, f"comfy_{quant.format}_{out_features}x{in_features}_"
+                                     f"{str(dtype).replace('torch.', '')}")
 
 
 def decode(quant: comfy_quant.LayerQuant, weight: torch.Tensor, side: dict, out_features: int, in_features: int,
@@ -112,7 +100,7 @@ def decode(quant: comfy_quant.LayerQuant, weight: torch.Tensor, side: dict, out_
         log.warning("compiled decoding of ComfyUI's quantized layers is unavailable (%s: %s); decoding eagerly",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return ref
-    if not _close(out, ref, dtype):
+    if not compiling.close_enough(out, ref, dtype):
         log.warning("compiled %s decoding differs from the eager one for a %dx%d weight; decoding it eagerly",
                     quant.format, out_features, in_features)
         _compiled[key] = _EAGER

@@ -28,14 +28,12 @@ Switch off with ``QWENIMAGE_FUSED_DEQUANT=0``.
 from __future__ import annotations
 
 import logging
-import os
-import types
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 
-from . import gguf_dequant as dequant
+from . import compiling, gguf_dequant as dequant
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ max_compiled = 48
 def available() -> bool:
     """Whether fused dequantization may be used at all (CUDA present, compiler not known broken,
     not switched off by the environment)."""
-    if _failed or os.environ.get("QWENIMAGE_FUSED_DEQUANT", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _failed or compiling.switched_off():
         return False
     return torch.cuda.is_available() and hasattr(torch, "compile")
 
@@ -133,27 +131,7 @@ def _build(qtype: int, rows: int, cols: int, dtype: torch.dtype):
     def run(blocks):
         return dequant.decode_blocks(blocks.reshape(-1, type_size), qtype).reshape(rows, cols).to(dtype)
 
-    # A fresh code object per key: the compiler caches per code object, so keys never evict
-    # one another or hit its recompile limit.
-    tag = f"gguf_{spec.name}_{rows}x{cols}_{str(dtype).replace('torch.', '')}"
-    code = run.__code__.replace(co_name=tag)
-    fn = types.FunctionType(code, run.__globals__, tag, None, run.__closure__)
-    return torch.compile(fn, dynamic=False, fullgraph=True)
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Equal up to what reordering float32 arithmetic can change: the compiler may contract
-    ``d * q - m`` into one FMA (a few float32 ulps of the largest value), which can then flip
-    the final rounding to ``dtype`` by one step. A wrong bit in a quant is far larger."""
-    a, b = a.float(), b.float()
-    fin = torch.isfinite(b)
-    if not bool(torch.isfinite(a).eq(fin).all()):
-        return False
-    a, b = a[fin], b[fin]
-    if b.numel() == 0:
-        return True
-    tol = torch.finfo(dtype).eps * b.abs() + 8 * torch.finfo(torch.float32).eps * b.abs().max()
-    return bool(((a - b).abs() <= tol).all())
+    return compiling.compile_as(run, f"gguf_{spec.name}_{rows}x{cols}_{str(dtype).replace('torch.', '')}")
 
 
 def fused_dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -174,7 +152,7 @@ def fused_dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.d
             log.warning("fused GGUF dequantization is unavailable (%s: %s); using the PyTorch kernels",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return ref
-        if not _close(out, ref, dtype):
+        if not compiling.close_enough(out, ref, dtype):
             log.warning("compiled %s dequantization differs from the reference for shape %s; using the PyTorch "
                         "kernel for it", dequant.type_name(qtype), tuple(blocks.shape))
             _compiled[key] = _EAGER
