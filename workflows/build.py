@@ -62,6 +62,20 @@ class Node:
         self.size = tuple(self.size or (320, 120))
 
 
+TEXT_ENCODER = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+VAE = "qwen_image_vae.safetensors"
+
+
+def loaders(model: str, variant: str = "auto", weight_dtype: str = "default", vae: str = VAE, also: tuple = ()) -> list[Node]:
+    """Step 1's three loaders, ids 1-3: diffusion model ``model`` (``also``: other files its loader is
+    offered, with their links), the fp8 text encoder, and ``vae``."""
+    return [
+        Node(1, "QwenImageDiTLoader", {"model_name": model, "weight_dtype": weight_dtype, "variant": variant}, models=[model, *also]),
+        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": TEXT_ENCODER, "weight_dtype": "default", "mmproj_name": "none"}, models=[TEXT_ENCODER]),
+        Node(3, "QwenImageVAELoader", {"vae_name": vae}, models=[vae]),
+    ]
+
+
 def _models_property(names):
     return [{"name": n, "url": MODELS[n][0], "directory": MODELS[n][1]} for n in names]
 

@@ -1,5 +1,5 @@
 """ControlNets: InstantX Union with a canny map, the InstantX inpainting ControlNet, a DiffSynth patch."""
-from build import Node
+from build import Node, loaders
 
 CN_HF = "https://huggingface.co/Comfy-Org/Qwen-Image-InstantX-ControlNets/resolve/main/split_files/controlnet"
 PATCH_HF = "https://huggingface.co/Comfy-Org/Qwen-Image-DiffSynth-ControlNets/resolve/main/split_files/model_patches"
@@ -71,16 +71,8 @@ The inpaint patch also takes a mask. {SIZE_RULE}
 """
 
 
-def _base() -> list[Node]:
-    return [
-        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"}, models=["qwen_image_fp8_e4m3fn.safetensors"]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"}, models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
-        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, models=["qwen_image_vae.safetensors"]),
-    ]
-
-
 def _graph(cn_file: str, prompt: str, note: str, canny: bool, mask: bool, steps: int, size=(1328, 1328)) -> list[Node]:
-    nodes = _base()
+    nodes = loaders("qwen_image_fp8_e4m3fn.safetensors")
     nodes += [
         Node(4, "QwenImageControlNetLoader", {"controlnet_name": cn_file, "weight_dtype": "default"}, models=[cn_file]),
         Node(5, "LoadImage", {"image": "example.png"}, size=(320, 360), column=2,

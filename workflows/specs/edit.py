@@ -1,5 +1,5 @@
 """Edit workflows: Qwen-Image-Edit, Edit-2509 with three images, Edit-2511, and inpainting."""
-from build import Node
+from build import Node, loaders
 
 EDIT_HF = "https://huggingface.co/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/diffusion_models"
 EDIT = "qwen_image_edit_fp8_e4m3fn.safetensors"
@@ -12,8 +12,6 @@ OUTPUTS = {
     "QwenImageMatchSize": [("IMAGE", "IMAGE")],
     "QwenImageInpaintMask": [("LATENT", "LATENT")],
 }
-TE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
-VAE = "qwen_image_vae.safetensors"
 
 FILES = """| folder | file |
 |---|---|
@@ -27,17 +25,9 @@ generated on the same grid as the {which} image and *Qwen-Image Match Size* retu
 so unchanged parts stay exactly where they were. sizing `reference` reproduces diffusers' sizes instead."""
 
 
-def _loaders(model: str, variant: str, weight_dtype: str = "default") -> list[Node]:
-    return [
-        Node(1, "QwenImageDiTLoader", {"model_name": model, "weight_dtype": weight_dtype, "variant": variant}, models=[model]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": TE, "weight_dtype": "default", "mmproj_name": "none"}, models=[TE]),
-        Node(3, "QwenImageVAELoader", {"vae_name": VAE}, models=[VAE]),
-    ]
-
-
 def _edit_graph(model, variant, encode_variant, prompt, images, steps, note, weight_dtype="default") -> list[Node]:
     """images: [(node id, title)], the last one is the image the result follows."""
-    nodes = _loaders(model, variant, weight_dtype)
+    nodes = loaders(model, variant, weight_dtype)
     image_inputs = {}
     for i, (nid, title) in enumerate(images):
         nodes.append(Node(nid, "LoadImage", {"image": "example.png"}, size=(320, 320), title=title,
@@ -124,9 +114,7 @@ def edit_2511() -> list[Node]:
 
 def inpaint() -> list[Node]:
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"}, models=["qwen_image_fp8_e4m3fn.safetensors"]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": TE, "weight_dtype": "default", "mmproj_name": "none"}, models=[TE]),
-        Node(3, "QwenImageVAELoader", {"vae_name": VAE}, models=[VAE]),
+        *loaders("qwen_image_fp8_e4m3fn.safetensors"),
         Node(6, "LoadImage", {"image": "example.png"}, size=(320, 320), title="Image + mask", group="Step 2 - Image and mask"),
         Node(4, "QwenImageTextEncode", {"prompt": "a vase of sunflowers on the table"},
              inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 160), title="Positive prompt"),

@@ -1,5 +1,5 @@
 """Qwen-Image-2512 with alibaba-pai's Fun ControlNet Union (the official template image_qwen_Image_2512_controlnet)."""
-from build import Node
+from build import Node, loaders
 from t2i import QWEN_2512
 
 FUN = "Qwen-Image-2512-Fun-Controlnet-Union-2602.safetensors"
@@ -35,9 +35,7 @@ ratio and resized to its size (never stretched).
 
 def fun_controlnet() -> list[Node]:
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": QWEN_2512, "weight_dtype": "default", "variant": "auto"}, models=[QWEN_2512]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"}, models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
-        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, models=["qwen_image_vae.safetensors"]),
+        *loaders(QWEN_2512),
         Node(4, "QwenImageControlNetLoader", {"controlnet_name": FUN, "weight_dtype": "default"}, models=[FUN]),
         Node(5, "LoadImage", {"image": "example.png"}, size=(320, 360), column=2, group="Step 4 - Control image"),
         Node(6, "QwenImageTextEncode", {"prompt": PROMPT}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 200), title="Positive prompt"),

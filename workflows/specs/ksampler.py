@@ -1,6 +1,6 @@
 """Our model through ComfyUI's own sampling nodes, set up as the official Qwen-Image template is
 (ModelSamplingAuraFlow shift 3.1, KSampler euler / simple, 20 steps, cfg 2.5)."""
-from build import Node
+from build import Node, loaders
 from t2i import T2I_PROMPT
 
 OUTPUTS = {
@@ -24,9 +24,7 @@ cfg 2.5, euler, simple. For images that match diffusers exactly, use the Qwen-Im
 
 def ksampler() -> list[Node]:
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default", "variant": "auto"}, models=["qwen_image_fp8_e4m3fn.safetensors"]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"}, models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
-        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, models=["qwen_image_vae.safetensors"]),
+        *loaders("qwen_image_fp8_e4m3fn.safetensors"),
         Node(11, "QwenImageAsComfyModel", {}, inputs={"model": (1, 0, "QWENIMAGE_MODEL")}),
         Node(12, "ModelSamplingAuraFlow", {"shift": 3.1}, inputs={"model": (11, 0, "MODEL")}),
         Node(4, "QwenImageTextEncode", {"prompt": T2I_PROMPT}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 200), title="Positive prompt"),

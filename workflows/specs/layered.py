@@ -1,6 +1,6 @@
 """Qwen-Image-Layered: an image decomposed into RGBA layers; Layered-Control: the one layer a prompt names
 (the official templates image_qwen_image_layered and image_qwen_image_layered_control)."""
-from build import Node
+from build import Node, loaders
 
 LAYERED = "qwen_image_layered_bf16.safetensors"
 CONTROL = "qwen_image_layered_control_bf16.safetensors"
@@ -51,9 +51,7 @@ transparent background. Same settings as Qwen-Image-Layered: 20 steps, cfg 2.5, 
 
 def _graph(model: str, weight_dtype: str, prompt: str, note: str, prefix: str) -> list[Node]:
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": model, "weight_dtype": weight_dtype, "variant": "auto"}, models=[model]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"}, models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
-        Node(3, "QwenImageVAELoader", {"vae_name": RGBA_VAE}, models=[RGBA_VAE]),
+        *loaders(model, weight_dtype=weight_dtype, vae=RGBA_VAE),
         Node(4, "LoadImage", {"image": "example.png"}, size=(320, 360)),
         Node(5, "ImageScaleToMaxDimension", {"upscale_method": "lanczos", "largest_size": 640},
              inputs={"image": (4, 0, "IMAGE")}, group="Step 2 - Load image", column=1),

@@ -1,5 +1,5 @@
 """Text-to-image: the official settings (50 steps, cfg 4, dynamic shift, negative " ")."""
-from build import Node
+from build import Node, loaders
 
 T2I_PROMPT = (
     "A cozy bookshop cafe on a rainy evening, warm light spilling onto the wet street, a chalkboard sign "
@@ -50,9 +50,7 @@ def t2i_graph(model_name: str, note: str, prefix: str, also: tuple = ()) -> list
     other files the loader is offered, listed with their download links)."""
     fp8 = "auto" if "fp8" in model_name else "off"
     return [
-        Node(1, "QwenImageDiTLoader", {"model_name": model_name, "weight_dtype": "default", "variant": "auto"}, models=[model_name, *also]),
-        Node(2, "QwenImageTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "weight_dtype": "default", "mmproj_name": "none"}, models=["qwen_2.5_vl_7b_fp8_scaled.safetensors"]),
-        Node(3, "QwenImageVAELoader", {"vae_name": "qwen_image_vae.safetensors"}, models=["qwen_image_vae.safetensors"]),
+        *loaders(model_name, also=also),
         Node(4, "QwenImageTextEncode", {"prompt": T2I_PROMPT}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 200), title="Positive prompt"),
         Node(5, "QwenImageTextEncode", {"prompt": " "}, inputs={"text_encoder": (2, 0, "QWENIMAGE_TEXT_ENCODER")}, size=(420, 120), title="Negative prompt"),
         Node(6, "QwenImageEmptyLatent", {"width": 1328, "height": 1328, "batch_size": 1, "aspect_ratio": "1:1 (1328x1328)"}),
