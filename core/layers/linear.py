@@ -170,7 +170,7 @@ class Linear(_CompactWeight, nn.Linear):
             if b is not None and (b.dtype != x.dtype or b.device != x.device):
                 b = b.to(device=x.device, dtype=x.dtype)
             # nvfp4's pre_quant_scale (AWQ smoothing) is part of the layer; patches see the plain input.
-            x_in = comfy_quant.prepare_input(x, self.quant_side(x.device)) if self.comfy_quant is not None else x
+            x_in = comfy_quant.prepare_input(x, self.quant_side()) if self.comfy_quant is not None else x
             y = F.linear(x_in, w, b)
         for name, patch in self.patches.items():
             if self.folded.get(name) is not patch:
