@@ -122,6 +122,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
     RunOptions = common.pack("core.layers.run_options").RunOptions
+    blockscaled_matmul = common.pack("core.quant.blockscaled_matmul")
     print(common.environment(device))
     cfg = common.mmdit_config(args.smoke, layers=args.layers)
     inputs = common.mmdit_inputs(cfg, args.size, 1, args.text_tokens, device)
@@ -151,6 +152,11 @@ def main(argv=None) -> dict:
         variants = [(fmt, None)]
         if fmt.startswith("int8"):
             variants.append((f"{fmt}, int8 tensor cores", RunOptions(int8_matmul=True, int8_on_cpu=cpu)))
+        if fmt in blockscaled_matmul.FORMATS and (cpu or blockscaled_matmul.device_supports(device)):
+            # Blackwell only (an H100 / H200 has no block-scaled tensor cores: the row is left out);
+            # on the CPU the kernel's arithmetic is emulated, which checks the path, not its speed.
+            variants.append((f"{fmt}, block-scaled tensor cores{' (emulated)' if cpu else ''}",
+                             RunOptions(blockscaled_matmul=True, blockscaled_on_cpu=cpu)))
         for label, options in variants:
             s, out, peak, _ = timed(quantized, options)
             err = common.rel_err(out, base_out)

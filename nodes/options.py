@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from ..core.layers import attention
-from ..core.quant import fp8_matmul, int8_matmul
+from ..core.quant import blockscaled_matmul, fp8_matmul, int8_matmul
 from ..core.pipeline import compile as block_compile
 from ..core.layers.run_options import DEFAULT, RunOptions
 from . import runtime
@@ -21,9 +21,10 @@ from .handles import MODEL_TYPE
 
 FP8_CHOICES = ("off", "auto", "row", "tensor")
 INT8_CHOICES = ("off", "on")
+BLOCKSCALED_CHOICES = ("off", "on")
 
 
-def with_speed_options(model, attention_backend: str, fp8: str, int8: str = "off"):
+def with_speed_options(model, attention_backend: str, fp8: str, int8: str = "off", blockscaled: str = "off"):
     if attention_backend not in attention.BACKENDS:
         raise ValueError(f"attention must be one of {', '.join(attention.BACKENDS)}, got {attention_backend!r}")
     if fp8 not in FP8_CHOICES:
@@ -34,8 +35,17 @@ def with_speed_options(model, attention_backend: str, fp8: str, int8: str = "off
         raise ValueError(f"int8_matmul must be one of {', '.join(INT8_CHOICES)}, got {int8!r}")
     if int8 != "off" and "int8" not in model.weight_format.lower():
         runtime.warn(f"int8_matmul only changes ComfyUI int8 layers; {model.name} is {model.weight_format}, so it has no effect")
-    # int8 is recorded only once someone turned it on (an earlier Speed Options node may have).
-    extra = {"int8_matmul": int8} if int8 != "off" or "int8_matmul" in model.options else {}
+    if blockscaled not in BLOCKSCALED_CHOICES:
+        raise ValueError(f"blockscaled_matmul must be one of {', '.join(BLOCKSCALED_CHOICES)}, got {blockscaled!r}")
+    if blockscaled != "off" and model.weight_format.lower() not in blockscaled_matmul.FORMATS:
+        runtime.warn(f"blockscaled_matmul only changes ComfyUI nvfp4 / mxfp8 layers; {model.name} is "
+                     f"{model.weight_format}, so it has no effect")
+    # The optional ones are recorded only once someone turned them on (an earlier Speed Options
+    # node may have), so a handle without them keeps the defaults.
+    extra = {}
+    for name, value in (("int8_matmul", int8), ("blockscaled_matmul", blockscaled)):
+        if value != "off" or name in model.options:
+            extra[name] = value
     return model.with_options(attention=attention_backend, fp8_matmul=fp8, **extra)
 
 
@@ -52,6 +62,8 @@ def run_options(model) -> RunOptions:
         changes["fp8_matmul"] = None if fp8 == "off" else fp8
     if opts.get("int8_matmul") is not None:
         changes["int8_matmul"] = opts["int8_matmul"] == "on"
+    if opts.get("blockscaled_matmul") is not None:
+        changes["blockscaled_matmul"] = opts["blockscaled_matmul"] == "on"
     return replace(DEFAULT, **changes) if changes else DEFAULT
 
 
@@ -66,6 +78,10 @@ def speed_settings(model, device: torch.device) -> Iterator[RunOptions]:
     if model.options.get("int8_matmul", "off") != "off" and not int8_matmul.device_supports(device):
         runtime.warn(f"int8_matmul needs int8 tensor cores (RTX 30xx, A100 or newer); {device} has none, "
                      "so the int8 weights are decoded to bf16 as usual")
+    if model.options.get("blockscaled_matmul", "off") != "off" and not blockscaled_matmul.device_supports(device):
+        runtime.warn(f"blockscaled_matmul needs Blackwell tensor cores (RTX 50xx, B200 or newer) and comfy-kitchen "
+                     f"(ComfyUI 0.30 ships it); {device} lacks them, so the nvfp4 / mxfp8 weights are decoded "
+                     "to bf16 as usual")
     with block_compile.compiled(model.module, model.options.get("compile")):
         yield options
 
@@ -106,11 +122,18 @@ class QwenImageSpeedOptions:
                                "matmuls on int8 tensor cores with per-token scales, as ComfyUI does (faster, close "
                                "to exact). off: decode the weights to bf16 (exact).",
                 }),
+                "blockscaled_matmul": (list(BLOCKSCALED_CHOICES), {
+                    "default": "off",
+                    "tooltip": "For ComfyUI nvfp4 / mxfp8 checkpoints on Blackwell GPUs (RTX 50xx, B200): run the "
+                               "matmuls on fp4 / fp8 tensor cores with the activations quantized as ComfyUI "
+                               "does (much faster; nvfp4's 4-bit activations cost some accuracy). Needs "
+                               "comfy-kitchen (ComfyUI 0.30 ships it). off: decode the weights to bf16 (exact).",
+                }),
             },
         }
 
-    def apply(self, model, attention, fp8_matmul, int8_matmul="off"):  # noqa: A002 - names match the widgets
-        return (with_speed_options(model, attention, fp8_matmul, int8_matmul),)
+    def apply(self, model, attention, fp8_matmul, int8_matmul="off", blockscaled_matmul="off"):  # noqa: A002
+        return (with_speed_options(model, attention, fp8_matmul, int8_matmul, blockscaled_matmul),)
 
 
 NODE_CLASS_MAPPINGS = {"QwenImageSpeedOptions": QwenImageSpeedOptions}

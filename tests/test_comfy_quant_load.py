@@ -105,3 +105,36 @@ def test_a_lora_applies_on_quantized_layers(ref, inputs, tmp_path):
     for model in (quantized, plain):
         apply_loras(model, [(weights, 0.8)])
     assert rel_err(run_ours(quantized, *inputs), run_ours(plain, *inputs)) <= 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
+def test_block_scaled_matmuls_reach_every_quantized_layer(ref, inputs, tmp_path, fmt, monkeypatch):
+    """RunOptions.blockscaled_matmul, passed to the model call, reaches every nvfp4 / mxfp8 Linear
+    that runs (here the kernel's arithmetic emulated on the CPU; tests/test_blockscaled_matmul.py
+    checks it against ComfyUI's): each quantized layer then rounds its input too, nothing else."""
+    from qwenimage_pack.core.layers.linear import Linear
+    from qwenimage_pack.core.layers.run_options import RunOptions
+    from qwenimage_pack.core.quant import blockscaled_matmul
+
+    path, dense = _quantized_file(ref, fmt, tmp_path)
+    model = load_mmdit(path, compute_dtype=torch.float32)
+    ran, fast_path = set(), set()
+    for lin in model.modules():
+        if isinstance(lin, Linear) and lin.comfy_quant is not None:
+            lin.register_forward_hook(lambda m, args, out: ran.add(id(m.weight)))
+    real = blockscaled_matmul.try_linear
+
+    def recording(x, quant, weight, *args):
+        y = real(x, quant, weight, *args)
+        if y is not None:
+            fast_path.add(id(weight))
+        return y
+
+    monkeypatch.setattr(blockscaled_matmul, "try_linear", recording)
+    expected = run_ref(with_weights(ref, dense), *inputs)
+    with torch.no_grad():
+        fast = model(*inputs, options=RunOptions(blockscaled_matmul=True, blockscaled_on_cpu=True)).float()
+    assert len(ran) >= 20 and fast_path == ran
+    exact = run_ours(model, *inputs)
+    assert rel_err(exact, expected) <= 1e-5 and not torch.equal(fast, exact)
+    assert rel_err(fast, expected) <= (0.02 if fmt == "nvfp4" else 0.01)

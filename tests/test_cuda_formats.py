@@ -110,6 +110,33 @@ def test_int8_tensor_core_matmul_against_the_decoded_weight(fmt):
     assert not torch.equal(got.cpu(), lin(x.to(DEV)).cpu())  # the int8 path ran
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
+def test_block_scaled_tensor_core_matmul_against_its_emulation(fmt):
+    """RunOptions.blockscaled_matmul on a Blackwell GPU: comfy-kitchen's scaled_mm_nvfp4 /
+    scaled_mm_mxfp8 against the same quantized operands multiplied on the CPU (kitchen's decoders,
+    float32) and against the decoded weight. Skipped on older GPUs (an H200 has no such cores)."""
+    from qwenimage_pack.core.layers.run_options import RunOptions
+    from qwenimage_pack.core.quant import blockscaled_matmul
+
+    if not STAND_IN and not blockscaled_matmul.device_supports(DEV):
+        pytest.skip("needs block-scaled tensor cores (sm_100 / sm_120) and comfy-kitchen")
+    quant, weight, side, ref = _layer(fmt)
+    lin = Linear(IN, OUT, bias=True, device="meta")
+    lin.bias = torch.nn.Parameter(torch.randn(OUT, generator=torch.Generator().manual_seed(5)) * 0.1,
+                                  requires_grad=False)
+    lin.set_comfy_quant(weight, side, quant, (OUT, IN))
+    x = torch.randn(77, IN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    on_cpu = lin(x, RunOptions(blockscaled_matmul=True, blockscaled_on_cpu=True))
+    lin.to(DEV)
+    blockscaled_matmul.reset()
+    got = lin(x.to(DEV), RunOptions(blockscaled_matmul=True, blockscaled_on_cpu=STAND_IN))
+    assert not blockscaled_matmul._failed  # the kernel ran, no fallback
+    assert _rel(got, F.linear(x.float(), ref, lin.bias.float().cpu())) <= (0.12 if fmt == "nvfp4" else 0.04)
+    # The same quantized operands: only the order of the float32 sums and a last bf16 rounding differ.
+    assert _rel(got, on_cpu) <= 5e-3
+    assert not torch.equal(got.cpu(), lin(x.to(DEV)).cpu())  # the quantized-activation path ran
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "int8_convrot"])
 def test_prepared_layers_decode_through_the_compiler(fmt):
     """comfy_quant_kernels: a prepared layer's weight is decoded by its compiled kernel on the GPU,

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import comfy_quant, comfy_quant_kernels, fp8_matmul, int8_matmul
+from ..quant import blockscaled_matmul, comfy_quant, comfy_quant_kernels, fp8_matmul, int8_matmul
 from ..quant.gguf_dequant import dequantize as dequantize_blocks
 from .run_options import DEFAULT, RunOptions
 
@@ -161,9 +161,14 @@ class Linear(_CompactWeight, nn.Linear):
             # float8 tensor cores, when this call asks and the device has them; None means dequantize.
             y = fp8_matmul.try_linear(x, self.weight, self.weight_scale, self.bias, opts.fp8_matmul,
                                       opts.fp8_on_cpu, opts.fp8_compile)
-        elif opts.int8_matmul and self.comfy_quant is not None:
+        elif opts.int8_matmul and int8_matmul.applies(self.comfy_quant):
             # int8 tensor cores, when this call asks; None means decode the weight.
             y = int8_matmul.try_linear(x, self.comfy_quant, self.weight, self.weight_scale, self.bias, opts.int8_on_cpu)
+        elif opts.blockscaled_matmul and blockscaled_matmul.applies(self.comfy_quant):
+            # nvfp4 / mxfp8 tensor cores (Blackwell), when this call asks; None means decode the weight.
+            w = self.weight if self.weight.device == x.device else self.weight.to(x.device, non_blocking=True)
+            y = blockscaled_matmul.try_linear(x, self.comfy_quant, w, self.quant_side(x.device), self.bias,
+                                              self.quant_shape[0], opts.blockscaled_on_cpu)
         if y is None:
             w = self.dense_weight(x.dtype, x.device, opts.fused_dequant)
             b = self.bias

@@ -54,7 +54,11 @@ class RunOptions:
     torch.compile'd blocks trace).
     ``int8_matmul``: ComfyUI int8 layers run their matmuls on int8 operands where the GPU has int8
     tensor cores (``quant.int8_matmul``; close to, not equal to, the decoded weight's result);
-    ``int8_on_cpu`` lets it run on the CPU too (tests)."""
+    ``int8_on_cpu`` lets it run on the CPU too (tests).
+    ``blockscaled_matmul``: ComfyUI nvfp4 / mxfp8 layers run their matmuls on block-scaled operands
+    where the GPU has such tensor cores (Blackwell; ``quant.blockscaled_matmul``; close to, not
+    equal to, the decoded weight's result); ``blockscaled_on_cpu`` runs what that kernel computes
+    on the CPU (tests)."""
 
     attention: str = "sdpa"
     fp8_matmul: str | None = _env_fp8()
@@ -63,6 +67,8 @@ class RunOptions:
     fused_dequant: bool = True
     int8_matmul: bool = False
     int8_on_cpu: bool = False
+    blockscaled_matmul: bool = False
+    blockscaled_on_cpu: bool = False
 
     def __post_init__(self):
         if self.attention not in BACKENDS:

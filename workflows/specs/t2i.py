@@ -38,7 +38,8 @@ def speed_nodes(model: tuple, fp8_matmul: str, ids: tuple = (11, 12)) -> list[No
     the sampler takes its model from the second one (``ids[1]``, slot 0)."""
     first, second = ids
     return [
-        Node(first, "QwenImageSpeedOptions", {"attention": "sdpa", "fp8_matmul": fp8_matmul, "int8_matmul": "off"},
+        Node(first, "QwenImageSpeedOptions",
+             {"attention": "sdpa", "fp8_matmul": fp8_matmul, "int8_matmul": "off", "blockscaled_matmul": "off"},
              inputs={"model": (*model, "QWENIMAGE_MODEL")}, bypassed=True),
         Node(second, "QwenImageTorchCompile", {"backend": "inductor", "mode": "default"},
              inputs={"model": (first, 0, "QWENIMAGE_MODEL")}, bypassed=True),
