@@ -21,7 +21,7 @@ MIN_HEIGHT = {
     "PreviewImage": 26, "QwenImageAsComfyModel": 26, "QwenImageControlNetApply": 206,
     "QwenImageControlNetLoader": 82, "QwenImageControlReference": 90, "QwenImageDiTLoader": 106, "QwenImageEditEncode": 236,
     "QwenImageEmptyLatent": 130, "QwenImageEmptyLayeredLatent": 154, "QwenImageDecodeLayers": 126, "QwenImageInpaintMask": 46, "QwenImageLoraLoader": 82, "QwenImageMatchSize": 46,
-    "QwenImageSampler": 286, "QwenImageSpeedOptions": 82, "QwenImageTextEncode": 88,
+    "QwenImageSampler": 286, "QwenImageSpeedOptions": 106, "QwenImageTextEncode": 88,
     "QwenImageTextEncoderLoader": 106, "QwenImageTorchCompile": 82, "QwenImageVAEDecode": 78,
     "QwenImageVAEEncode": 78, "QwenImageVAELoader": 58, "ReferenceLatent": 46, "SaveImage": 58,
 }
