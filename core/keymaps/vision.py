@@ -91,3 +91,28 @@ def vision_names_from_mmproj(path: str, tensors: dict, projector: str) -> dict:
     return out
 
 
+def quantized_linear_shape(name: str, stored: tuple[int, int], shapes: dict[str, tuple]) -> tuple[int, int]:
+    """Dense ``[out, in]`` of the tower's Linear ``name`` (``<layer>.weight``, names inside the
+    tower), whose ComfyUI-quantized file weight decodes to ``stored`` rows and columns.
+
+    nvfp4 / mxfp8 pad both to 16 / 32 with zeros that leave no trace in the file, and the tower's
+    MLP width (3420 in Qwen2.5-VL-7B) is not such a multiple. So ``out`` is the layer's bias
+    length, and ``in`` the width of what feeds it: the block's norm (hidden size) for the
+    attention and the MLP's first projections, the MLP's width for its last one, the merger's
+    first layer (square) for its second. ``shapes`` has every tensor of the tower by name."""
+    layer = name[: -len(".weight")] if name.endswith(".weight") else name
+    bias = shapes.get(layer + ".bias")
+    out = int(bias[0]) if bias else stored[0]
+    feeder = None
+    block = re.match(r"^(blocks\.\d+)\.(.+)$", layer)
+    if block is not None:
+        prefix, part = block.groups()
+        last = {"mlp.down_proj": "mlp.up_proj", "mlp.fc2": "mlp.fc1"}.get(part)
+        feeder = f"{prefix}.{last}.bias" if last else f"{prefix}.norm1.weight"
+    elif layer == "merger.mlp.2":
+        feeder = "merger.mlp.0.bias"
+    elif layer == "merger.mlp.0":
+        return out, out
+    fed = shapes.get(feeder) if feeder else None
+    return out, int(fed[0]) if fed else stored[1]
+

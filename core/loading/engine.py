@@ -212,6 +212,9 @@ class Plan:
     # weight key -> ComfyUI mixed-precision format kept as stored, and its side tensors' keys
     layer_quant: dict[str, comfy_quant.LayerQuant] = field(default_factory=dict)
     quant_side: dict[str, dict[str, str]] = field(default_factory=dict)
+    # weight key -> dense [out, in] of a quantized layer no module of the model gives (the vision
+    # tower's, returned as plain tensors); the loader fills it in
+    dense_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
 
 
@@ -354,7 +357,9 @@ def _stream(model: nn.Module, source, plan: Plan, policy: Policy, path: Path) ->
         raw = source.get(key)
         nbytes = _nbytes(raw)
         compact = target is not None and _is_compact(model, target)
-        if key in plan.layer_quant:
+        if key in plan.layer_quant and target is None:  # a vision-tower layer: the tower takes plain tensors
+            value, from_file = _decoded_comfy_quant(source, plan, key, raw, policy, path), False
+        elif key in plan.layer_quant:
             from_file = _assign_comfy_quant(model, source, plan, key, target, raw, policy, path)
         elif isinstance(raw, QuantizedTensor):
             value, scale = gguf_value(raw, compact, policy)
@@ -374,7 +379,7 @@ def _stream(model: nn.Module, source, plan: Plan, policy: Policy, path: Path) ->
         del raw
         file = source[key].file if isinstance(source, WeightSource) else path
         usage.setdefault(file, _FileUse()).add(nbytes, from_file, target, plan.vision.get(key) if target is None else None)
-        if key in plan.layer_quant:
+        if key in plan.layer_quant and target is not None:
             continue  # assigned above
         if target is None:
             vision[plan.vision[key]] = value
@@ -384,16 +389,34 @@ def _stream(model: nn.Module, source, plan: Plan, policy: Policy, path: Path) ->
     return vision
 
 
+def _quant_side(source, plan: Plan, key: str, policy: Policy) -> dict[str, torch.Tensor]:
+    side = {}
+    for name, side_key in plan.quant_side[key].items():
+        t = source.get(side_key).to(policy.device)
+        side[name] = t.view(torch.uint8) if "e8m0" in str(t.dtype) else t  # E8M0 scales as their bytes
+    return side
+
+
+def _dense_comfy_quant(quant, weight: torch.Tensor, side: dict, shape: tuple[int, int], dtype: torch.dtype):
+    """The layer's dense weight, its input smoothing included: (x * s) @ W.T == x @ (W * s).T."""
+    w = comfy_quant.dequantize(quant, weight, side, *shape, dtype)
+    if "pre_quant_scale" in side:
+        w = w * side["pre_quant_scale"].to(w.dtype)
+    return w
+
+
+def _undecodable(path: Path, key: str, quant, e: ValueError) -> WeightFileError:
+    return WeightFileError(path, f"has a quantized layer '{key}' ({quant.format}) that cannot be decoded: {e}.",
+                           f"layers as ComfyUI writes them ({', '.join(comfy_quant.SUPPORTED)})")
+
+
 def _assign_comfy_quant(model: nn.Module, source, plan: Plan, key: str, target: str, raw: torch.Tensor,
                         policy: Policy, path: Path) -> bool:
     """One ComfyUI mixed-precision layer: kept as stored (decoded in the layer), or decoded once
     here when a float dtype was asked for. Returns whether the weight is the file's own memory."""
     quant = plan.layer_quant[key]
     mod = model.get_submodule(target.rpartition(".")[0])
-    side = {}
-    for name, side_key in plan.quant_side[key].items():
-        t = source.get(side_key).to(policy.device)
-        side[name] = t.view(torch.uint8) if "e8m0" in str(t.dtype) else t  # E8M0 scales as their bytes
+    side = _quant_side(source, plan, key, policy)
     try:
         comfy_quant.check_side(quant, side)
         weight = raw.to(policy.device)
@@ -403,14 +426,25 @@ def _assign_comfy_quant(model: nn.Module, source, plan: Plan, key: str, target: 
             if from_file:
                 file_views.keep_file_view(mod, "weight")
             return from_file
-        dense_value = comfy_quant.dequantize(quant, weight, side, mod.out_features, mod.in_features, policy.forced)
-        if "pre_quant_scale" in side:  # (x * s) @ W.T == x @ (W * s).T: the smoothing moves into the dense weight
-            dense_value = dense_value * side["pre_quant_scale"].to(dense_value.dtype)
+        dense_value = _dense_comfy_quant(quant, weight, side, (mod.out_features, mod.in_features), policy.forced)
     except ValueError as e:
-        raise WeightFileError(path, f"has a quantized layer '{key}' ({quant.format}) that cannot be decoded: {e}.",
-                              f"layers as ComfyUI writes them ({', '.join(comfy_quant.SUPPORTED)})") from None
+        raise _undecodable(path, key, quant, e) from None
     _assign(model, target, dense_value, None)
     return False
+
+
+def _decoded_comfy_quant(source, plan: Plan, key: str, raw: torch.Tensor, policy: Policy,
+                         path: Path) -> torch.Tensor:
+    """A ComfyUI mixed-precision layer outside the model (the vision tower's) as a plain tensor of
+    the dtype quantized weights expand to (``weight_dtype``, else the compute dtype, else bf16)."""
+    quant = plan.layer_quant[key]
+    side = _quant_side(source, plan, key, policy)
+    try:
+        comfy_quant.check_side(quant, side)
+        shape = comfy_quant.logical_shape(quant, raw.shape, *plan.dense_shapes.get(key, (None, None)))
+        return _dense_comfy_quant(quant, raw.to(policy.device), side, shape, policy.dense_dtype(torch.float8_e4m3fn))
+    except ValueError as e:
+        raise _undecodable(path, key, quant, e) from None
 
 
 def _own_memory_where_converted(model: nn.Module, vision: dict, usage: dict[Path, _FileUse]) -> None:

@@ -40,6 +40,7 @@ from .engine import (  # noqa: F401  (WEIGHT_DTYPES: part of this module's inter
     read_gguf_file,
 )
 from ..layers.linear import QuantizedTensor
+from ..quant import comfy_quant
 from .dfloat11 import attach_groups, plan_groups
 from ..formats.safetensors_io import is_gguf, open_weights
 
@@ -128,6 +129,23 @@ def _text_prefix(names) -> str:
     return min(found, key=len) if found else ""
 
 
+def _plan_quantized_vision(plan: Plan, shapes) -> None:
+    """The dense shapes of the vision tower's ComfyUI-quantized layers (the tower is returned as
+    plain tensors, so they are decoded at load): see ``keymaps.vision.quantized_linear_shape``."""
+    from ..keymaps.vision import quantized_linear_shape
+
+    tower = {name: tuple(shapes[key]) for key, name in plan.vision.items()}
+    for key, name in plan.vision.items():
+        quant = plan.layer_quant.get(key)
+        if quant is None:
+            continue
+        try:
+            stored = comfy_quant.logical_shape(quant, shapes[key])
+        except ValueError:
+            continue  # refused with the file's name when the layer is decoded
+        plan.dense_shapes[key] = quantized_linear_shape(name, stored, tower)
+
+
 def load_text_encoder(path, weight_dtype: str = "default", device="cpu", compute_dtype=None, mmproj=None):
     """Load the Qwen2.5-VL language model; returns ``(model, vision_state)``.
 
@@ -156,6 +174,7 @@ def load_text_encoder(path, weight_dtype: str = "default", device="cpu", compute
                 plan.vision[key] = new
             elif kind != DROP:
                 plan.routes[key] = new
+        _plan_quantized_vision(plan, shapes)
         ours = {t: shapes[k] for k, t in plan.routes.items()}
         try:
             if isinstance(source, GGUFSource):
@@ -268,7 +287,10 @@ def inspect_file(path, component: str | None = None) -> FileSummary:
             dtypes = Counter(str(source[k].dtype).replace("torch.", "") for k in names)
             layout = source.layout
             arch = None
-            if any(n.rsplit(".", 1)[-1] in ("scaled_fp8", "comfy_quant") for n in names):
+            suffixes = {n.rsplit(".", 1)[-1] for n in names}
+            if "comfy_quant" in suffixes or "_quantization_metadata" in (getattr(source, "metadata", None) or {}):
+                layout += ", ComfyUI mixed precision"
+            elif "scaled_fp8" in suffixes:
                 layout += ", scaled fp8"
     found = detect(names, shapes, arch)
     return FileSummary(found.kind, layout, dtypes, len(names), found.friendly, found.detail)
