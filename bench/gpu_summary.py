@@ -176,7 +176,9 @@ def formats_rows(out: Path) -> list[list[str]]:
     data = load(out, "formats.json")
     rows, size = rows_of(data), data.get("size", 1328)
     result = []
-    for key in ("nvfp4", "mxfp8", "int8_convrot", "int8_convrot, int8 tensor cores"):
+    # Block-scaled rows exist only where the GPU has those tensor cores (Blackwell) or on a dry run.
+    blockscaled = [k for k in rows if "block-scaled" in k]
+    for key in ("nvfp4", "mxfp8", "int8_convrot", "int8_convrot, int8 tensor cores", *blockscaled):
         r = rows.get(key, {})
         result.append([f"ComfyUI {key} layers vs our bf16, {size}^2", "-",
                        "-" if not r else f"{r['ratio']:.2f}x, rel. err {r.get('rel_err', 0):.2e} vs bf16, "
