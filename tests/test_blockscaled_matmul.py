@@ -162,6 +162,7 @@ def test_only_when_asked_on_nvfp4_mxfp8_layers_with_kitchen(monkeypatch):
     assert torch.equal(decoded, F.linear(x, lin.dense_weight(torch.bfloat16), lin.bias))
     assert torch.equal(lin(x, RunOptions(blockscaled_matmul=True)), decoded)  # CPU, no emulation: decoded
     assert not torch.equal(lin(x, ON), decoded)
+    assert torch.equal(lin(x.float(), ON), lin(x.float()))  # the kernels write bf16 / fp16 only: decoded
     int8 = Linear(256, 96, bias=False, device="meta")
     w8 = torch.randint(-127, 128, (96, 256), dtype=torch.int8)
     int8.set_comfy_quant(w8, {"weight_scale": torch.tensor(0.01)},
