@@ -92,7 +92,8 @@ class QwenImageEmptyLayeredLatent:
             },
             "optional": {
                 "size_from": ("LATENT", {"tooltip": "The input image's latent (VAE Encode): when connected, width and "
-                                                    "height are taken from it, rounded to multiples of 16."}),
+                                                    "height are taken from it, so the layers line up with the "
+                                                    "image pixel for pixel."}),
             },
         }
 
@@ -100,11 +101,14 @@ class QwenImageEmptyLayeredLatent:
         layers = int(layers)
         if not 0 <= layers <= MAX_LAYERS:
             raise ValueError(f"layers must be between 0 and {MAX_LAYERS}; got {layers}")
-        if size_from is not None:  # the decomposed image's own size, as the official template reads it
-            height, width = (int(n) * 8 for n in size_from["samples"].shape[-2:])
-            width, height = max(16, width // 16 * 16), max(16, height // 16 * 16)
-        width, height = round16(width, "width"), round16(height, "height")
-        samples = torch.zeros(int(batch_size), lf.LATENT_CHANNELS, layers + 1, height // 8, width // 8)
+        # Like ComfyUI's node: pixels // 8, not rounded to 16. The official template feeds it the input
+        # image's size (a 640 x 427 image encodes to 53 latent rows), and the layers must have the
+        # reference's grid to line up with it; the MMDiT pads an odd grid itself.
+        if size_from is not None:  # the decomposed image's own latent size
+            rows, cols = (int(n) for n in size_from["samples"].shape[-2:])
+        else:
+            rows, cols = max(2, int(height) // 8), max(2, int(width) // 8)
+        samples = torch.zeros(int(batch_size), lf.LATENT_CHANNELS, layers + 1, rows, cols)
         return ({"samples": lf.tag_layered(samples, True)},)
 
 
@@ -221,7 +225,7 @@ class QwenImageDecodeLayers:
         return {
             "required": {"vae": (VAE_TYPE,), "samples": ("LATENT",)},
             "optional": {
-                "include_composite": ("BOOLEAN", {"default": False, "tooltip": "Also output frame 0, the composite image, first in each batch item."}),
+                "include_composite": ("BOOLEAN", {"default": False, "tooltip": "Also output frame 0, the composite image, first in each batch item. Applies to the sampler's layered latent as it comes out; single frames (e.g. after a batch cut) are all decoded."}),
                 "tiled": (["auto", "always", "never"], {"default": "auto"}),
             },
         }
@@ -235,7 +239,9 @@ class QwenImageDecodeLayers:
                 "connect it to the vae input"
             )
         check_latent_for_vae(z, vae)
-        # One frame (layers 0, or frames already cut into a batch) holds no composite: all are layers.
+        # Frame 0 of a sampled layered latent is the composite. A latent of one frame (layers 0, or
+        # frames cut into a batch item by item) is decoded whole: nothing here can tell a cut-out
+        # composite from a layer, so connect the sampler's latent directly to drop the composite.
         if lf.has_frames(z) and not include_composite:
             z = z[:, :, 1:]
         images = decode_images(vae, z, tiled)

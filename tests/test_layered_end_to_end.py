@@ -253,6 +253,26 @@ def test_empty_layered_latent_takes_its_size_from_a_connected_latent():
 
     node = QwenImageEmptyLayeredLatent()
     (out,) = node.generate(640, 640, 2, 1, size_from={"samples": torch.zeros(1, 16, 53, 80)})
-    assert tuple(out["samples"].shape) == (1, 16, 3, 52, 80)  # 424 x 640 px, in steps of 16: 416 x 640
+    assert tuple(out["samples"].shape) == (1, 16, 3, 53, 80)  # the reference's own grid (424 x 640 px)
     (plain,) = node.generate(640, 480, 3, 2)
     assert tuple(plain["samples"].shape) == (2, 16, 4, 60, 80)
+    (odd,) = node.generate(640, 427, 1, 1)  # GetImageSize of a 640 x 427 image, as ComfyUI's node takes it
+    assert tuple(odd["samples"].shape) == (1, 16, 2, 53, 80)
+
+
+def test_layers_of_an_odd_sized_image_line_up_with_it(graph):
+    """A 100 x 60 image (official template: any size GetImageSize reports) encodes to a 12 x 7
+    latent; the layered latent takes that grid, the MMDiT pads it, and every layer comes back at
+    the encoded image's size (96 x 56 px, what VAE Encode kept)."""
+    from qwenimage_pack.nodes import latents, sampling
+
+    pil = _input_image().resize((100, 60))
+    ref = latents.QwenImageVAEEncode().encode(graph["vae"], image_tensor(pil))[0]
+    assert tuple(ref["samples"].shape[-2:]) == (7, 12)
+    latent = latents.QwenImageEmptyLayeredLatent().generate(640, 640, 2, 1, size_from=ref)[0]
+    out = sampling.QwenImageSampler().run(
+        graph["model"], with_reference(graph["pos"], ref), latent, 1, 1, 1.0, "dynamic", 3.0, "euler", 1.0,
+    )[0]
+    assert out["samples"].shape == (1, 16, 3, 7, 12) and torch.isfinite(out["samples"]).all()
+    layers_rgb, alpha, rgba = latents.QwenImageDecodeLayers().decode(graph["vae"], out)
+    assert tuple(rgba.shape[1:3]) == (56, 96) and tuple(alpha.shape[1:]) == (56, 96)

@@ -116,7 +116,8 @@ class FunControlNet(nn.Module):
                 "sampler instead, or leave the Fun ControlNet out of edits")
         if x.ndim == 5:
             if x.shape[2] != 1:
-                raise ValueError(f"the Fun ControlNet steers single images; this latent holds {x.shape[2]} frames")
+                raise ValueError(f"the Fun ControlNet steers single images; this latent holds {x.shape[2]} frames "
+                                 "(Qwen-Image-Layered layers): disconnect the Apply ControlNet node from this sampler")
             x = x[:, :, 0]
         B, _, H, W = x.shape
         device = x.device
