@@ -351,3 +351,22 @@ def test_attach_refuses_mismatched_blocks():
     df11.attach(block, df11.DF11Group(t, layout))
     with pytest.raises(ValueError, match="already"):
         df11.attach(block, df11.DF11Group(t, layout))
+
+
+def test_a_stream_whose_last_code_crosses_into_the_last_block_decodes():
+    """The encoder writes a thread block's first output position only where a code starts in it.
+    Exponent counts chosen so the stream is 4097 bytes (two 256-thread blocks), the single 9-bit
+    code comes last, starts in block 0 and ends on the stream's last byte: the file then holds
+    [0, n] (no entry of its own for block 1). The dfloat11 kernel decodes it; so must we."""
+    counts = {120: 15349, 121: 4000, 119: 2000, 118: 500, 117: 202, 116: 50, 115: 12, 114: 3, 113: 1}
+    seq = [k for k, c in counts.items() if k != 113 for _ in range(c)]
+    g = torch.Generator().manual_seed(0)
+    exps = torch.cat([torch.tensor(seq)[torch.randperm(len(seq), generator=g)], torch.tensor([113])])
+    low = torch.randint(0, 256, (len(exps),), generator=g)
+    bits = (low & 0x80) << 8 | exps << 7 | (low & 0x7F)
+    w = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16).view(torch.bfloat16)
+    t = compress([w])
+    assert t["encoded_exponent"].numel() == 4097  # two thread blocks of 256 x 8 bytes
+    assert df11.positions(t["output_positions"]).tolist() == [0, w.numel()]  # one entry short
+    group = df11.DF11Group(t, [("w", (w.numel(),))])
+    assert torch.equal(group.decode_flat(check=True).view(torch.int16), w.view(torch.int16))

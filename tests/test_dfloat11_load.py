@@ -345,10 +345,12 @@ def test_malformed_tables_name_the_file_and_block(files, tmp_path, tensor, chang
     assert "transformer_blocks\\\\.\\\\d+" in msg  # what is supported
 
 
-def test_a_missing_group_tensor_is_named(files, tmp_path):
+@pytest.mark.parametrize("tensor", ["gaps", "encoded_exponent"])
+def test_a_missing_group_tensor_is_named(files, tmp_path, tensor):
+    """Any of the six missing, encoded_exponent included (a block is known by any of them)."""
     folder = shutil.copytree(files["df11"], tmp_path / "bad")
-    rewrite(folder, lambda sd: sd.pop("transformer_blocks.0.gaps"))
-    refuse(folder, "block transformer_blocks.0", "lacks gaps")
+    rewrite(folder, lambda sd: sd.pop(f"transformer_blocks.1.{tensor}"))
+    refuse(folder, "block transformer_blocks.1", f"lacks {tensor}")
 
 
 @pytest.mark.parametrize("pattern,words", [

@@ -41,18 +41,16 @@ def is_dfloat11(names: Iterable[str]) -> bool:
 
 def groups(names: Iterable[str], prefix: str = "") -> dict[str, dict[str, str]]:
     """Compressed groups by module name (without ``prefix``): ``{"transformer_blocks.3":
-    {"luts": file key, ...}}``. A module owns a group when it has an ``encoded_exponent``; the
-    group's other tensors are those of ``TENSOR_NAMES`` next to it."""
-    names = [n for n in names if n.startswith(prefix)]
-    owners = {n[len(prefix): -len("encoded_exponent")].rstrip(".") for n in names if n.endswith("encoded_exponent")}
-    found: dict[str, dict[str, str]] = {o: {} for o in owners}
+    {"luts": file key, ...}}``. A module owns a group when it has any of ``TENSOR_NAMES``, so
+    a group missing one of them is still reported as that block's (incomplete) group."""
+    found: dict[str, dict[str, str]] = {}
     for n in names:
-        m = _GROUP_KEY.match(n[len(prefix):])
-        if m is None:
+        if not n.startswith(prefix):
             continue
-        owner = m.group(1).rstrip(".")
-        if owner in found and (m.group(1) == "" or m.group(1).endswith(".")):
-            found[owner][m.group(2)] = n
+        m = _GROUP_KEY.match(n[len(prefix):])
+        if m is None or not (m.group(1) == "" or m.group(1).endswith(".")):
+            continue
+        found.setdefault(m.group(1).rstrip("."), {})[m.group(2)] = n
     return found
 
 

@@ -206,6 +206,12 @@ def _check_group(t: Mapping[str, torch.Tensor], sizes: list[int], threads_per_bl
     if op.dtype == torch.uint8 and op.numel() % 4:
         raise ValueError(f"DFloat11 output_positions as bytes must be whole uint32 values, got {op.numel()} bytes")
     ops = positions(op).tolist()
+    # The encoder writes a block's start only where a code starts in it (or a partial byte ends
+    # the stream): when the last code runs from the next-to-last block into the last one and
+    # ends on a byte boundary, the final "n" is the last block's own entry. Completed below.
+    closed = len(ops) == n_blocks and len(ops) > 0 and ops[-1] == n
+    if closed:
+        ops = ops + [n]
     if len(ops) != n_blocks + 1 or ops[0] != 0 or ops[-1] != n or any(a > b for a, b in zip(ops, ops[1:])):
         raise ValueError(f"DFloat11 output_positions must rise from 0 to {n} in {n_blocks + 1} entries "
                          f"(one per {threads_per_block}-thread block of the stream, then n), got "
@@ -213,7 +219,8 @@ def _check_group(t: Mapping[str, torch.Tensor], sizes: list[int], threads_per_bl
     if t["gaps"].numel() < -(-5 * threads_per_block * n_blocks // 8):
         raise ValueError(f"DFloat11 gaps: {t['gaps'].numel()} bytes for {n_blocks * threads_per_block} threads "
                          f"(5 bits each)")
-    return dict(n=n, n_threads=n_threads, n_blocks=n_blocks, steps=-(-8 * BYTES_PER_THREAD // min_len))
+    return dict(n=n, n_threads=n_threads, n_blocks=n_blocks, steps=-(-8 * BYTES_PER_THREAD // min_len),
+                complete_positions=closed)
 
 
 # -- one compressed group -------------------------------------------------------------------
@@ -244,6 +251,9 @@ class DF11Group(nn.Module):
         self.chunk_threads = per_chunk * threads_per_block
         for k in TENSOR_NAMES:
             self.register_buffer(k, tensors[k])
+        if facts["complete_positions"]:  # one int32 more: n, the end of the last thread block
+            ops = positions(self.output_positions)
+            self.output_positions = torch.cat([ops, ops[-1:]]).to(torch.int32)
         self.verified = False  # set once a decode has passed check=True
         self.compiled = False  # decode through torch.compile (attach's choice)
         self.origin: tuple[str, str] | None = None  # (file, block name) for errors: set by the loader
@@ -260,7 +270,9 @@ class DF11Group(nn.Module):
         they are copied there first)."""
         global _compile_failed
         device = self.luts.device if device is None else torch.device(device)
-        luts, stream, sm, gaps, op = (b if b.device == device else b.to(device, non_blocking=True) for b in
+        # non_blocking only towards a GPU: a copy to the host must be complete before it is read.
+        luts, stream, sm, gaps, op = (b if b.device == device else b.to(device, non_blocking=device.type == "cuda")
+                                      for b in
                                       (self.luts, self.encoded_exponent, self.sign_mantissa, self.gaps,
                                        self.output_positions))
         ops = positions(op)
