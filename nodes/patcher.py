@@ -32,6 +32,7 @@ from ..core.layers import host_memory
 from ..core.layers.host_memory import module_bytes
 from ..core.pipeline.streaming import BlockStreamer, block_bytes, blocks_that_fit
 from ..core.layers import lora_patch as lora
+from ..core.quant.dfloat11 import decode_bytes
 from . import runtime
 
 STREAM_PREFETCH = 1  # blocks uploaded ahead while one computes
@@ -104,14 +105,19 @@ if runtime.ModelPatcher is not None:
         def _module(self) -> nn.Module:
             return self.model.qwen_module()
 
+        def _working_bytes(self, module: nn.Module) -> int:
+            """Device memory the model holds besides its weights while it runs: LoRA copies, and
+            a DFloat11 model's one block decoded to bf16 at a time."""
+            return lora.device_copy_bytes(module) + decode_bytes(module)
+
         def model_size(self) -> int:
             module = self._module()
-            return module_bytes(module) + lora.device_copy_bytes(module)
+            return module_bytes(module) + self._working_bytes(module)
 
         def loaded_size(self) -> int:
             if not self.model.model_loaded_weight_memory:
                 return 0
-            return self.model.model_loaded_weight_memory + lora.device_copy_bytes(self._module())
+            return self.model.model_loaded_weight_memory + self._working_bytes(self._module())
 
         def placement(self) -> str:
             """"streamed" when the blocks stream through the device, else "resident"."""
@@ -125,7 +131,7 @@ if runtime.ModelPatcher is not None:
             self._check_weight_patches()
             self._stop_streaming()
             blocks = _streamable(module, self.model.qwen_stream_blocks)
-            if blocks is None or module_bytes(module) <= budget:
+            if blocks is None or module_bytes(module) + decode_bytes(module) <= budget:
                 self._patch_weights(device_to)
                 _move(module, device_to)
                 loaded = module_bytes(module)
@@ -145,7 +151,7 @@ if runtime.ModelPatcher is not None:
             for p in module.parameters(recurse=False):
                 p.data = p.data.to(device)
             rest = _outside_blocks(module, blocks)
-            keep = _blocks_kept(rest, blocks, budget)
+            keep = _blocks_kept(rest + decode_bytes(module), blocks, budget)  # a DFloat11 block decodes in place
             streamer = BlockStreamer(blocks, device, self.offload_device, prefetch=STREAM_PREFETCH, keep=keep)
             streamer.__enter__()
             self.model.qwen_streamer = streamer

@@ -24,6 +24,7 @@ from ..core.layers import host_memory
 from ..core.layers.host_memory import module_bytes
 from ..core.pipeline.streaming import BlockStreamer, blocks_that_fit
 from ..core.quant import gguf_kernels
+from ..core.quant.dfloat11 import decode_bytes
 from . import patcher as patchers
 from . import runtime
 
@@ -161,7 +162,7 @@ def _plain_on_device(module: torch.nn.Module, device: torch.device, stream_block
             yield how
         return
     size = module_bytes(module)
-    need = size + _HEADROOM
+    need = size + decode_bytes(module) + _HEADROOM  # a DFloat11 block decoded while it runs
     _evict_for(int(need), device)
     if runtime.free_device_memory(device) >= need or stream_blocks is None:
         _move(module, device)
@@ -185,7 +186,7 @@ def _streamed(module: torch.nn.Module, device: torch.device, stream_blocks: str,
         "from system memory (slower; an fp8 or GGUF model avoids this)"
     )
     # Leading blocks that fit next to the streaming window stay on the device: fewer uploads per step.
-    keep = blocks_that_fit(blocks, runtime.free_device_memory(device) - int(_HEADROOM))
+    keep = blocks_that_fit(blocks, runtime.free_device_memory(device) - int(_HEADROOM) - decode_bytes(module))
     try:
         with BlockStreamer(blocks, device, runtime.offload_device(), keep=keep):
             yield "streamed"

@@ -40,7 +40,7 @@ from qwenimage_pack.core.models.controlnet import AppliedControl, DiffSynthContr
 from qwenimage_pack.core.models.mmdit import QwenImageMMDiT  # noqa: E402
 from qwenimage_pack.core.pipeline import compile as block_compile  # noqa: E402
 from qwenimage_pack.core.pipeline import streaming  # noqa: E402
-from qwenimage_pack.core.quant import gguf_kernels  # noqa: E402
+from qwenimage_pack.core.quant import dfloat11, gguf_kernels  # noqa: E402
 from qwenimage_pack.core.quant.dfloat11 import DF11Group  # noqa: E402
 
 TINY = refs.TINY_MMDIT
@@ -287,6 +287,8 @@ def test_sizes_count_the_compressed_bytes_and_weight_paths_skip_the_blocks(loade
     assert gguf_kernels.prepare(model) == 0
     assert fold.fold(copy.deepcopy(model), allow_cpu=True) == 0
     assert patcher._weight_format(block.attn.to_q, block.attn.to_q.weight) == "DFloat11"
+    # One block's bf16 weights exist while it runs: working memory the patcher reports to ComfyUI.
+    assert dfloat11.decode_bytes(model) == max(2 * g.n for g in groups) and dfloat11.decode_bytes(plain) == 0
     moved = copy.deepcopy(model)
     host_memory.move(moved, "cpu")
     assert all(isinstance(b.df11, DF11Group) and placeholders(b) for b in moved.transformer_blocks)

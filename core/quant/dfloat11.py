@@ -379,6 +379,12 @@ def _after_block(block: nn.Module, args, output) -> None:
         block.get_submodule(name).weight = _placeholder(shape)
 
 
+def decode_bytes(module: nn.Module) -> int:
+    """Bytes the largest compressed block of ``module`` holds decoded while it runs (its bf16
+    weights live from its pre-hook to its hook): working memory to count next to the model."""
+    return max((2 * g.n for g in module.modules() if isinstance(g, DF11Group)), default=0)
+
+
 def attach(block: nn.Module, group: DF11Group, compiled: bool = False) -> None:
     """Make ``block`` run on ``group``: the named layers' weights become placeholders (plain
     attributes on the meta device: no parameters, nothing to move or save), ``group`` becomes
