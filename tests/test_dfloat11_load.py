@@ -190,6 +190,29 @@ def test_a_diffusers_config_with_dfloat11_config_is_read(ref, files, loaded, inp
     assert torch.equal(run(model, inputs), run(loaded[1], inputs))
 
 
+def test_a_folder_saved_block_by_block_loads(files, loaded, inputs, tmp_path):
+    """compress_model(save_single_file=False): each block in transformer_blocks_N.safetensors,
+    the rest in diffusion_pytorch_model.safetensors, config.json with dfloat11_config. A
+    tensor in two files is refused naming the file."""
+    folder = tmp_path / "Qwen-Image-DF11-blocks"
+    folder.mkdir()
+    shutil.copy(files["df11"] / "config.json", folder / "config.json")
+    sd = load_file(str(files["df11"] / "diffusion_pytorch_model.safetensors"))
+    blocks = {}
+    for k in list(sd):
+        if k.startswith("transformer_blocks."):
+            blocks.setdefault(k.split(".")[1], {})[k] = sd.pop(k)
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+    for i, part in blocks.items():
+        save_file(part, str(folder / f"transformer_blocks_{i}.safetensors"))
+    model = load_mmdit(folder)
+    assert all(isinstance(b.df11, DF11Group) for b in model.transformer_blocks)
+    assert torch.equal(run(model, inputs), run(loaded[0], inputs))
+    save_file({"transformer_blocks.0.luts": blocks["0"]["transformer_blocks.0.luts"]},
+              str(folder / "transformer_blocks_extra.safetensors"))
+    refuse(folder, "transformer_blocks_extra.safetensors", "another file of the folder")
+
+
 def test_the_dit_loader_node_lists_and_loads_the_folder(files, loaded, inputs):
     from qwenimage_pack.nodes import loaders
 

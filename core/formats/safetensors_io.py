@@ -321,9 +321,43 @@ def _open_sharded(folder: Path, index_path: Path) -> WeightSource:
                         config=_config_next_to(folder), metadata=metadata)
 
 
+def _separate_block_files(folder: Path, source: WeightSource) -> list[Path]:
+    """The other ``*.safetensors`` of a DFloat11 folder saved block by block: the dfloat11
+    package's ``compress_model(save_single_file=False)`` writes each compressed block to its own
+    ``<module_name>.safetensors`` (``transformer_blocks_0.safetensors``, ...) next to the model's
+    file, and its loader reads every file there. Other folders: none (a diffusers folder may hold
+    variants such as ``*.fp16.safetensors`` of the same tensors, which must not be merged)."""
+    if not (isinstance(source.config, dict) and "dfloat11_config" in source.config):
+        return []
+    read = {info.file for info in source._tensors.values()}
+    return sorted(p for p in folder.glob("*.safetensors") if p not in read)
+
+
+def _with_files(source: WeightSource, files: list[Path]) -> WeightSource:
+    tensors = dict(source._tensors)
+    for path in files:
+        found, _ = read_header(path)
+        twice = sorted(set(found) & set(tensors))
+        if twice:
+            raise WeightFileError(path, f"holds tensors another file of the folder holds too (e.g. {twice[:3]}).",
+                                  "each tensor of a DFloat11 folder in one file")
+        tensors.update(found)
+    return WeightSource(source.path, tensors, layout=f"{source.layout[:-1]}, {len(files)} block files)",
+                        config=source.config, metadata=source.metadata)
+
+
 def _open_folder(folder: Path, component: str | None) -> WeightSource:
     if component is not None and (folder / component).is_dir():
         folder = folder / component
+    source = _open_main(folder)
+    if source is None:
+        return _refuse_folder(folder, component)
+    blocks = _separate_block_files(folder, source)
+    return _with_files(source, blocks) if blocks else source
+
+
+def _open_main(folder: Path) -> WeightSource | None:
+    """The folder's index and shards, or its one weight file; None when it has neither."""
     index = _pick_index(folder)
     if index is not None:
         return _open_sharded(folder, index)
@@ -333,6 +367,10 @@ def _open_folder(folder: Path, component: str | None) -> WeightSource:
             tensors, meta = read_header(single)
             return WeightSource(folder, tensors, layout="diffusers folder (1 file)",
                                 config=_config_next_to(folder), metadata=meta)
+    return None
+
+
+def _refuse_folder(folder: Path, component: str | None):
     present = [c for c in PIPELINE_COMPONENTS if (folder / c).is_dir()]
     if present:
         raise WeightFileError(
