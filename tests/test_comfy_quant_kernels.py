@@ -65,7 +65,8 @@ def test_bounded_and_a_mismatch_falls_back(builds, monkeypatch):
     ref = comfy_quant.dequantize(lin.comfy_quant, lin.weight, lin.quant_side(), 32, 64, torch.float32)
     out = lin.dense_weight(torch.float32)
     assert torch.equal(out, ref)  # the wrong compiled result was caught
-    assert kernels._compiled[(lin.comfy_quant, 32, 64, torch.float32, lin.weight.device)] is kernels._EAGER
+    layout = kernels.layout(lin.weight, lin.quant_side())
+    assert kernels._compiled[(lin.comfy_quant, 32, 64, torch.float32, lin.weight.device, layout)] is kernels._EAGER
 
 
 def test_a_compiler_failure_switches_the_feature_off(builds, monkeypatch):

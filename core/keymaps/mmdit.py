@@ -15,6 +15,7 @@ compact weights:
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -110,10 +111,38 @@ def quant_side_tensors(names: Iterable[str], metadata: Mapping[str, str] | None 
             layers = json.loads(raw).get("layers", {})
         except (json.JSONDecodeError, AttributeError):
             layers = {}
+        prefixes = _model_prefixes(names)
         for layer, conf in layers.items():
-            if layer + ".weight" in names:
-                side.meta_configs[layer + ".weight"] = conf if isinstance(conf, dict) else {"format": conf}
+            weight = _header_weight_key(layer, names, prefixes)
+            if weight is not None:
+                side.meta_configs[weight] = conf if isinstance(conf, dict) else {"format": conf}
     return side
+
+
+def _model_prefixes(names: set[str]) -> tuple[str, ...]:
+    """Prefixes a header's layer names may leave out: the MMDiT's detected one, then the known ones."""
+    found = mmdit_prefix(names)
+    return tuple(dict.fromkeys(p for p in (found, *MMDIT_PREFIXES) if p))
+
+
+def _header_weight_key(layer: str, names: set[str], prefixes: Iterable[str] = ()) -> str | None:
+    """The file key of the weight of ``_quantization_metadata`` layer ``layer``: its own name, or
+    with a model prefix in front. ComfyUI applies the header to the state dict before and after it
+    strips the diffusion model's prefix, so a header written for the bare model (no prefix) marks
+    the layers of a prefixed file too. None when the file has no such weight."""
+    for prefix in ("", *prefixes):
+        if prefix + layer + ".weight" in names:
+            return prefix + layer + ".weight"
+    return None
+
+
+def scaled_fp8_full_precision(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None) -> bool:
+    """Whether a legacy "scaled fp8" file asks for its float8 layers to be computed on their decoded
+    weights: ComfyUI reads a two-element ``scaled_fp8`` marker (in a file without a header
+    ``_quantization_metadata``) as ``full_precision_matrix_mult`` on every layer with a scale."""
+    if "_quantization_metadata" in (metadata or {}):
+        return False
+    return any(k.rsplit(".", 1)[-1] == "scaled_fp8" and math.prod(shape) == 2 for k, shape in shapes.items())
 
 
 def layer_quant(raw, key: str, path) -> comfy_quant.LayerQuant:

@@ -13,6 +13,9 @@ Storage kinds, chosen by what is assigned to ``weight``:
   with its side tensors as buffers under the file's names: decoded on the compute device on use
   (``quant/comfy_quant.py``).
 
+A layer the file marks ``full_precision_matrix_mult`` (``full_precision_mm``) always computes on
+its decoded weight, as in ComfyUI: the opt-in quantized-activation matmuls skip it.
+
 How a call computes (float8 matmuls, which GGUF kernels) is that call's ``RunOptions``
 (``Linear.forward(x, options)``); a call without options gets the defaults.
 """
@@ -59,6 +62,9 @@ class _CompactWeight:
         # tensors, kept as buffers under the file's own names.
         self.comfy_quant = None
         self.comfy_quant_side: tuple[str, ...] = ()
+        # The file asks for this layer to be computed on its decoded weight (ComfyUI's
+        # full_precision_matrix_mult): no float8 / int8 / block-scaled matmul, whatever the options.
+        self.full_precision_mm = False
 
     @property
     def is_quantized(self) -> bool:
@@ -84,6 +90,7 @@ class _CompactWeight:
             self.register_buffer(name, t)
         self.comfy_quant = quant
         self.comfy_quant_side = tuple(side)
+        self.full_precision_mm = bool(quant.full_precision_matrix_mult)
         self.quant_shape = tuple(int(s) for s in shape)
 
     def quant_side(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -154,21 +161,27 @@ class Linear(_CompactWeight, nn.Linear):
                 total = c if total is None else total + c
         return total
 
+    def _native_matmul(self, x: torch.Tensor, opts: RunOptions) -> torch.Tensor | None:
+        """``x @ W^T + b`` on quantized operands, where this call asks and this layer and device
+        allow it; None means decode the weight."""
+        if opts.fp8_matmul is not None and self.weight.dtype in FP8_DTYPES and self.comfy_quant is None:
+            # float8 tensor cores, when the device has them.
+            return fp8_matmul.try_linear(x, self.weight, self.weight_scale, self.bias, opts.fp8_matmul,
+                                         opts.fp8_on_cpu, opts.fp8_compile)
+        if opts.int8_matmul and int8_matmul.applies(self.comfy_quant):
+            # int8 tensor cores.
+            return int8_matmul.try_linear(x, self.comfy_quant, self.weight, self.weight_scale, self.bias,
+                                          opts.int8_on_cpu)
+        if opts.blockscaled_matmul and blockscaled_matmul.applies(self.comfy_quant):
+            # nvfp4 / mxfp8 tensor cores (Blackwell).
+            w = self.weight if self.weight.device == x.device else self.weight.to(x.device, non_blocking=True)
+            return blockscaled_matmul.try_linear(x, self.comfy_quant, w, self.quant_side(x.device), self.bias,
+                                                 self.quant_shape[0], opts.blockscaled_on_cpu)
+        return None
+
     def forward(self, x: torch.Tensor, options: RunOptions | None = None) -> torch.Tensor:
         opts = DEFAULT if options is None else options
-        y = None
-        if opts.fp8_matmul is not None and self.weight.dtype in FP8_DTYPES and self.comfy_quant is None:
-            # float8 tensor cores, when this call asks and the device has them; None means dequantize.
-            y = fp8_matmul.try_linear(x, self.weight, self.weight_scale, self.bias, opts.fp8_matmul,
-                                      opts.fp8_on_cpu, opts.fp8_compile)
-        elif opts.int8_matmul and int8_matmul.applies(self.comfy_quant):
-            # int8 tensor cores, when this call asks; None means decode the weight.
-            y = int8_matmul.try_linear(x, self.comfy_quant, self.weight, self.weight_scale, self.bias, opts.int8_on_cpu)
-        elif opts.blockscaled_matmul and blockscaled_matmul.applies(self.comfy_quant):
-            # nvfp4 / mxfp8 tensor cores (Blackwell), when this call asks; None means decode the weight.
-            w = self.weight if self.weight.device == x.device else self.weight.to(x.device, non_blocking=True)
-            y = blockscaled_matmul.try_linear(x, self.comfy_quant, w, self.quant_side(x.device), self.bias,
-                                              self.quant_shape[0], opts.blockscaled_on_cpu)
+        y = None if self.full_precision_mm else self._native_matmul(x, opts)
         if y is None:
             w = self.dense_weight(x.dtype, x.device, opts.fused_dequant)
             b = self.bias

@@ -10,7 +10,7 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..layers import file_views
 from ..keymaps.detect import EXPECTED, detect, mismatch_message
 from ..errors import WeightFileError
-from ..keymaps.mmdit import float8_storage, layer_quant, quant_side_tensors
+from ..keymaps.mmdit import float8_storage, layer_quant, quant_side_tensors, scaled_fp8_full_precision
 from ..quant import comfy_quant
 from ..quant.gguf_dequant import dequantize as dequantize_blocks
 from ..layers.linear import FP8_DTYPES, Embedding, Linear, QuantizedTensor
@@ -209,6 +209,9 @@ class Plan:
     vision: dict[str, str] = field(default_factory=dict)  # file key -> name inside the vision tower
     scales: dict[str, str] = field(default_factory=dict)  # file key of a weight -> its scale's key
     formats: dict[str, torch.dtype] = field(default_factory=dict)  # weight key -> declared float8 storage
+    # weight keys of float8 layers the file wants computed on their decoded weights (ComfyUI's
+    # full_precision_matrix_mult: no float8 matmul); the other formats carry it in their LayerQuant
+    full_precision: set[str] = field(default_factory=set)
     # weight key -> ComfyUI mixed-precision format kept as stored, and its side tensors' keys
     layer_quant: dict[str, comfy_quant.LayerQuant] = field(default_factory=dict)
     quant_side: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -234,12 +237,16 @@ def plan_quant(plan: Plan, source, path: Path) -> set[str]:
         storage = float8_storage(quant)
         if storage is not None:
             plan.formats[weight] = storage
+            if quant.full_precision_matrix_mult:
+                plan.full_precision.add(weight)
             continue
         layer = weight[: -len("weight")]
         plan.scales.pop(weight, None)
         plan.layer_quant[weight] = quant
         plan.quant_side[weight] = {s: layer + s for s in comfy_quant.SIDE_TENSORS[quant.format] if layer + s in names}
         side_keys |= set(plan.quant_side[weight].values())
+    if scaled_fp8_full_precision(source.shapes(), getattr(source, "metadata", None)):
+        plan.full_precision |= set(plan.scales)
     return side_keys
 
 
@@ -282,6 +289,7 @@ def _check_plan(model: nn.Module, plan: Plan, shapes: dict, path: Path, what: st
     for key, target in plan.routes.items():
         want, got = tuple(expected[target].shape), tuple(shapes[key])
         if key in plan.layer_quant:
+            _check_quant_holder(model, target, key, plan.layer_quant[key], path)
             try:  # packed / padded storage: the file's shape must be what this layer's format stores
                 comfy_quant.logical_shape(plan.layer_quant[key], got, *want)
             except ValueError as e:
@@ -295,6 +303,16 @@ def _check_plan(model: nn.Module, plan: Plan, shapes: dict, path: Path, what: st
     if dup:
         raise WeightFileError(path, f"holds several tensors for the same parameter ({_few(dup)}): mixed key layouts.",
                               "one key layout per file")
+
+
+def _check_quant_holder(model: nn.Module, target: str, key: str, quant, path: Path) -> None:
+    """A ComfyUI-quantized weight is decoded by a Linear (in its forward) or an Embedding (once, at
+    load); any other module would take the packed bytes as its weight."""
+    mod = model.get_submodule(target.rpartition(".")[0])
+    if not isinstance(mod, (Linear, Embedding)) or target.rpartition(".")[2] != "weight":
+        raise WeightFileError(path, f"has a quantized layer '{key}' ({quant.format}) where the model has a "
+                                    f"{type(mod).__name__}, which cannot hold one.",
+                              "ComfyUI-quantized weights on Linear or Embedding layers only")
 
 
 def _assign(model: nn.Module, target: str, value, scale: torch.Tensor | None, from_file: bool = False) -> None:
@@ -323,86 +341,109 @@ def _is_compact(model: nn.Module, target: str) -> bool:
     return attr == "weight" and isinstance(model.get_submodule(mod_name) if mod_name else model, (Linear, Embedding))
 
 
-@dataclass
-class _FileUse:
-    """What a load did with one source file: bytes converted, bytes kept as views of the file
-    (and which: ``(target, None)`` for the model's tensors, ``(None, name)`` for vision ones)."""
-
-    converted: int = 0
-    kept: int = 0
-    views: list[tuple[str | None, str | None]] = field(default_factory=list)
-
-    def add(self, nbytes: int, from_file: bool, target: str | None, vision_name: str | None) -> None:
-        if from_file:
-            self.kept += nbytes
-            self.views.append((target, vision_name))
-        else:
-            self.converted += nbytes
-
-
 def _nbytes(raw) -> int:
     t = raw.blocks if isinstance(raw, QuantizedTensor) else raw
     return t.numel() * t.element_size()
+
+
+def _same_memory(value: torch.Tensor, raw: torch.Tensor) -> bool:
+    """``value`` (what is kept) is ``raw`` (what the file gave) itself: a view of the file's mapping."""
+    return value.device.type == "cpu" and value.data_ptr() == raw.data_ptr()
+
+
+def _file_of(source, key: str, path: Path) -> Path:
+    return source[key].file if isinstance(source, WeightSource) else path
+
+
+class _Read(NamedTuple):
+    """A file tensor of a quantized layer: its bytes, and whether the model keeps it as the file's
+    own memory (then under ``target``, a parameter or buffer name)."""
+
+    key: str
+    nbytes: int
+    from_file: bool
+    target: str | None
 
 
 def _stream(model: nn.Module, source, plan: Plan, policy: Policy, path: Path) -> dict[str, torch.Tensor]:
     """Read, convert and assign every planned tensor; returns the vision tensors, if any."""
     vision: dict[str, torch.Tensor] = {}
     device = policy.device
-    usage: dict[Path, _FileUse] = {}
+    usage: dict[Path, file_views.FileUse] = {}
+
+    def count(key: str, nbytes: int, from_file: bool, target: str | None, vision_name: str | None = None):
+        use = usage.setdefault(_file_of(source, key, path), file_views.FileUse())
+        use.add(nbytes, from_file, target, vision_name)
+
     for key in source.in_file_order():
         target = plan.routes.get(key)
         if target is None and key not in plan.vision:
             continue
         raw = source.get(key)
+        if key in plan.layer_quant:  # ComfyUI's mixed precision: the weight and its side tensors
+            if target is None:  # a vision-tower layer: the tower takes plain tensors
+                vision[plan.vision[key]], reads = _decoded_comfy_quant(source, plan, key, raw, policy, path)
+            else:
+                reads = _assign_comfy_quant(model, source, plan, key, target, raw, policy, path)
+            for r in reads:
+                count(*r)
+            continue
         nbytes = _nbytes(raw)
         compact = target is not None and _is_compact(model, target)
-        if key in plan.layer_quant and target is None:  # a vision-tower layer: the tower takes plain tensors
-            value, from_file = _decoded_comfy_quant(source, plan, key, raw, policy, path), False
-        elif key in plan.layer_quant:
-            from_file = _assign_comfy_quant(model, source, plan, key, target, raw, policy, path)
-        elif isinstance(raw, QuantizedTensor):
+        if isinstance(raw, QuantizedTensor):
             value, scale = gguf_value(raw, compact, policy)
             from_file = isinstance(value, QuantizedTensor) and value.blocks.data_ptr() == raw.blocks.data_ptr()
         else:
             declared = plan.formats.get(key)
             if declared is not None and raw.dtype == torch.uint8:
                 raw = raw.view(declared)  # fp8 bytes stored in a uint8 container
+            if target is not None:
+                _check_floating(model, target, key, raw, _file_of(source, key, path))
             scale = source.get(plan.scales[key]).to(device) if key in plan.scales else None
             try:
                 value, scale = policy.convert(target or key, raw.to(device), scale, compact)
             except ValueError as e:
-                raise WeightFileError(source[key].file if isinstance(source, WeightSource) else path,
-                                      f"has an unusable tensor '{key}': {e}.",
+                raise WeightFileError(_file_of(source, key, path), f"has an unusable tensor '{key}': {e}.",
                                       "finite weights (the file may be damaged)") from None
-            from_file = value.device.type == "cpu" and value.data_ptr() == raw.data_ptr()
+            from_file = _same_memory(value, raw)
         del raw
-        file = source[key].file if isinstance(source, WeightSource) else path
-        usage.setdefault(file, _FileUse()).add(nbytes, from_file, target, plan.vision.get(key) if target is None else None)
-        if key in plan.layer_quant and target is not None:
-            continue  # assigned above
+        count(key, nbytes, from_file, target, plan.vision.get(key) if target is None else None)
         if target is None:
             vision[plan.vision[key]] = value
-        else:
-            _assign(model, target, value, scale, from_file)
+            continue
+        _assign(model, target, value, scale, from_file)
+        if key in plan.full_precision:  # no float8 matmul for this layer (Linear.forward)
+            model.get_submodule(target.rpartition(".")[0]).full_precision_mm = True
     _own_memory_where_converted(model, vision, usage)
     return vision
 
 
-def _quant_side(source, plan: Plan, key: str, policy: Policy) -> dict[str, torch.Tensor]:
-    side = {}
+def _check_floating(model: nn.Module, target: str, key: str, t: torch.Tensor, file: Path) -> None:
+    """An integer tensor (int8, uint8) for a floating parameter is a quantized weight whose layer
+    config the file does not give (or names differently): cast to float, its scale dropped, it
+    would compute garbage without an error."""
+    mod_name, _, attr = target.rpartition(".")
+    p = (model.get_submodule(mod_name) if mod_name else model)._parameters.get(attr)
+    if t.is_floating_point() or p is None or not p.is_floating_point():
+        return
+    raise WeightFileError(file, f"has an integer tensor '{key}' ({str(t.dtype).replace('torch.', '')}) for the "
+                                f"weight '{target}', but no quantization config for its layer.",
+                          "a comfy_quant config for each quantized layer (a '<layer>.comfy_quant' tensor, or the "
+                          "layer in the header's _quantization_metadata), or float weights")
+
+
+def _quant_side(source, plan: Plan, key: str, policy: Policy,
+                holder: str | None = None) -> tuple[dict[str, torch.Tensor], list[_Read]]:
+    """The layer's side tensors on the target device (E8M0 scales as their bytes), and what was read:
+    kept under ``holder`` (the layer's module name) as buffers of the same names."""
+    side, reads = {}, []
     for name, side_key in plan.quant_side[key].items():
-        t = source.get(side_key).to(policy.device)
-        side[name] = t.view(torch.uint8) if "e8m0" in str(t.dtype) else t  # E8M0 scales as their bytes
-    return side
-
-
-def _dense_comfy_quant(quant, weight: torch.Tensor, side: dict, shape: tuple[int, int], dtype: torch.dtype):
-    """The layer's dense weight, its input smoothing included: (x * s) @ W.T == x @ (W * s).T."""
-    w = comfy_quant.dequantize(quant, weight, side, *shape, dtype)
-    if "pre_quant_scale" in side:
-        w = w * side["pre_quant_scale"].to(w.dtype)
-    return w
+        raw = source.get(side_key)
+        t = raw.to(policy.device)
+        side[name] = t.view(torch.uint8) if "e8m0" in str(t.dtype) else t
+        target = None if holder is None else f"{holder}.{name}" if holder else name
+        reads.append(_Read(side_key, _nbytes(raw), _same_memory(t, raw), target))
+    return side, reads
 
 
 def _undecodable(path: Path, key: str, quant, e: ValueError) -> WeightFileError:
@@ -411,66 +452,68 @@ def _undecodable(path: Path, key: str, quant, e: ValueError) -> WeightFileError:
 
 
 def _assign_comfy_quant(model: nn.Module, source, plan: Plan, key: str, target: str, raw: torch.Tensor,
-                        policy: Policy, path: Path) -> bool:
-    """One ComfyUI mixed-precision layer: kept as stored (decoded in the layer), or decoded once
-    here when a float dtype was asked for. Returns whether the weight is the file's own memory."""
+                        policy: Policy, path: Path) -> list[_Read]:
+    """One ComfyUI mixed-precision layer. A Linear keeps it as stored (decoded in its forward) and
+    records which of its tensors are the file's own memory (``file_views``: they return there, not
+    to private copies, when the model leaves the GPU); decoded once here when a float dtype was
+    asked for. An Embedding (a lookup table: ComfyUI's int8 ones) is always decoded here."""
     quant = plan.layer_quant[key]
-    mod = model.get_submodule(target.rpartition(".")[0])
-    side = _quant_side(source, plan, key, policy)
+    holder = target.rpartition(".")[0]
+    mod = model.get_submodule(holder)
+    side, reads = _quant_side(source, plan, key, policy, holder)
+    linear = isinstance(mod, Linear)  # else an Embedding (_check_quant_holder)
+    shape = (mod.out_features, mod.in_features) if linear else (mod.num_embeddings, mod.embedding_dim)
     try:
         comfy_quant.check_side(quant, side)
+        comfy_quant.check_side_shapes(quant, side, *shape)
+        if not linear and "pre_quant_scale" in side:
+            raise ValueError("an embedding has no input to smooth, yet the layer has a pre_quant_scale")
         weight = raw.to(policy.device)
-        if policy.forced is None:
-            mod.set_comfy_quant(weight, side, quant, (mod.out_features, mod.in_features))
-            from_file = weight.device.type == "cpu" and weight.data_ptr() == raw.data_ptr()
-            if from_file:
-                file_views.keep_file_view(mod, "weight")
-            return from_file
-        dense_value = _dense_comfy_quant(quant, weight, side, (mod.out_features, mod.in_features), policy.forced)
+        if linear and policy.forced is None:
+            mod.set_comfy_quant(weight, side, quant, shape)
+        else:
+            dense_value = comfy_quant.smoothed_weight(quant, weight, side, *shape,
+                                                      policy.dense_dtype(torch.float8_e4m3fn))
     except ValueError as e:
         raise _undecodable(path, key, quant, e) from None
-    _assign(model, target, dense_value, None)
-    return False
+    if not linear or policy.forced is not None:
+        _assign(model, target, dense_value, None)
+        return [_Read(key, _nbytes(raw), False, target)] + [r._replace(from_file=False) for r in reads]
+    reads.insert(0, _Read(key, _nbytes(raw), _same_memory(weight, raw), target))
+    for r in reads:
+        if r.from_file:
+            file_views.keep_file_view(mod, r.target.rpartition(".")[2])
+    return reads
 
 
 def _decoded_comfy_quant(source, plan: Plan, key: str, raw: torch.Tensor, policy: Policy,
-                         path: Path) -> torch.Tensor:
+                         path: Path) -> tuple[torch.Tensor, list[_Read]]:
     """A ComfyUI mixed-precision layer outside the model (the vision tower's) as a plain tensor of
-    the dtype quantized weights expand to (``weight_dtype``, else the compute dtype, else bf16)."""
+    the dtype quantized weights expand to (``weight_dtype``, else the compute dtype, else bf16),
+    and what was read (all of it converted)."""
     quant = plan.layer_quant[key]
-    side = _quant_side(source, plan, key, policy)
+    side, reads = _quant_side(source, plan, key, policy)
     try:
         comfy_quant.check_side(quant, side)
         shape = comfy_quant.logical_shape(quant, raw.shape, *plan.dense_shapes.get(key, (None, None)))
-        return _dense_comfy_quant(quant, raw.to(policy.device), side, shape, policy.dense_dtype(torch.float8_e4m3fn))
+        comfy_quant.check_side_shapes(quant, side, *shape)
+        dense_value = comfy_quant.smoothed_weight(quant, raw.to(policy.device), side, *shape,
+                                                  policy.dense_dtype(torch.float8_e4m3fn))
     except ValueError as e:
         raise _undecodable(path, key, quant, e) from None
+    return dense_value, [_Read(key, _nbytes(raw), False, None)] + [r._replace(from_file=False) for r in reads]
 
 
-def _own_memory_where_converted(model: nn.Module, vision: dict, usage: dict[Path, _FileUse]) -> None:
-    """Let the mapping of a file the load mostly converted close.
-
-    A file is mapped once and every tensor read from it is a view of that one mapping, so a
-    single view kept (a norm, a bias) keeps the whole file mapped, its pages counted against
-    the process, for as long as the model lives. Where the load converted most of a file's
-    bytes (float8 from bf16, say), the few views it kept are copied and stop being file views
-    (host_memory), and the mapping closes when loading ends. Where it kept most of the file as
-    stored, the views stay: they are the weights' cheapest home (host_memory)."""
-    for use in usage.values():
-        if use.converted <= use.kept:
-            continue
+def _own_memory_where_converted(model: nn.Module, vision: dict, usage: dict[Path, file_views.FileUse]) -> None:
+    """Let the mapping of a file the load mostly converted close (``file_views.FileUse``): the few
+    views kept from it (a norm, a bias) are copied and stop being file views."""
+    for use in (u for u in usage.values() if u.mostly_converted):
         for target, vision_name in use.views:
             if target is None:
                 vision[vision_name] = vision[vision_name].clone()
                 continue
             mod_name, _, attr = target.rpartition(".")
-            mod = model.get_submodule(mod_name) if mod_name else model
-            if attr in mod._parameters:
-                mod._parameters[attr].data = mod._parameters[attr].data.clone()
-                file_views.forget_file_view(mod, attr)
-            else:
-                mod._buffers[attr] = mod._buffers[attr].clone()
-                file_views.forget_file_view(mod, attr)
+            file_views.copy_out(model.get_submodule(mod_name) if mod_name else model, attr)
 
 
 def gguf_value(q: QuantizedTensor, compact: bool, policy: Policy):

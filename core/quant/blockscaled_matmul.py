@@ -126,13 +126,21 @@ def _rounded(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return v.to(dtype).float()
 
 
+def _as_e4m3(t: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn values stored as raw bytes (a U8 tensor in the file: ComfyUI ``.view``s them
+    back at load) as what they are; kitchen's kernels accept float8_e4m3fn only. Free: a view."""
+    return t.view(torch.float8_e4m3fn) if t.dtype == torch.uint8 else t
+
+
 def weight_operand(fmt: str, weight: torch.Tensor, side: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The stored weight as the kernel's ``b`` operand and its scales (already padded and swizzled
-    as the kernel wants them). mxfp8's e8m0 scales are kept as bytes: viewed back here."""
+    as the kernel wants them). mxfp8's e8m0 scales are kept as bytes: viewed back here; so are
+    e4m3 values a file stored as bytes (nvfp4's block scales, an mxfp8 weight). nvfp4's weight
+    stays uint8: packed e2m1 pairs are what the kernel takes."""
     if fmt == "mxfp8":
-        return {"b": weight, "block_scale_b": side["weight_scale"].view(torch.float8_e8m0fnu)}
+        return {"b": _as_e4m3(weight), "block_scale_b": side["weight_scale"].view(torch.float8_e8m0fnu)}
     return {"b": weight, "tensor_scale_b": side["weight_scale_2"].to(torch.float32).reshape(()),
-            "block_scale_b": side["weight_scale"]}
+            "block_scale_b": _as_e4m3(side["weight_scale"])}
 
 
 def emulated_nvfp4_mm(ck, a, b, tensor_scale_a, tensor_scale_b, block_scale_a, block_scale_b,

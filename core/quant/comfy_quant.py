@@ -10,13 +10,15 @@ API (everything a loader and ``Linear.forward`` need):
 - ``parse_layer_config(raw) -> LayerQuant``: the JSON (tensor, bytes, str or dict); an unknown
   format raises ValueError naming it and listing ``SUPPORTED``.
 - ``SIDE_TENSORS[fmt]``: suffixes (``<L>.<suffix>``) that belong to the layer;
-  ``check_side(quant, side)`` refuses a missing required one, and ``weight_correction``.
+  ``check_side(quant, side)`` refuses a missing required one, and ``weight_correction``;
+  ``check_side_shapes(quant, side, out, in)`` refuses one whose size does not fit the layer.
 - ``stored_weight_shape(fmt, out, in)`` / ``logical_shape(quant, weight_shape, out, in)``:
   packed weights are ``[N, K/2]`` and nvfp4/mxfp8 pad to 16/32, so the dense ``[out, in]``
   cannot always be read off the file: pass the module's dims (they are checked).
 - ``dequantize(quant, weight, side, out_features, in_features, dtype) -> [out, in]``.
 - ``prepare_input(x, side)``: nvfp4's ``pre_quant_scale`` (AWQ smoothing) belongs to the layer:
-  ``y = (x * pre_quant_scale) @ W.T + b``. ``linear(...)`` is that rule in one call.
+  ``y = (x * pre_quant_scale) @ W.T + b``. ``linear(...)`` is that rule in one call;
+  ``smoothed_weight(...)`` the one plain weight that computes the same.
 
 The dense weight is in the original basis (ConvRot rotations undone), so any layer computes
 ``F.linear(prepare_input(x, side), dequantize(...), bias)``; ``input_scale`` only matters to
@@ -83,7 +85,9 @@ class LayerQuant(NamedTuple):
     convrot_groupsize: int = 256
     group_size: int = 16  # asym_w4a8_int8: K elements per s_rel scale
     linear_dtype: str = "int4"  # convrot_w4a4: activation type of the native kernel only
-    full_precision_matrix_mult: bool = False  # ComfyUI: always dequantize; we always do
+    # The file asks for this layer to be computed on its decoded weight, as ComfyUI then does even
+    # where native kernels exist: our opt-in quantized-activation matmuls skip it too.
+    full_precision_matrix_mult: bool = False
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -114,6 +118,7 @@ def parse_layer_config(raw) -> LayerQuant:
         convrot_groupsize=int(get("convrot_groupsize", 256)),
         group_size=int(get("group_size", 16)),
         linear_dtype=str(get("linear_dtype", "int4")),
+        # Top level only: ComfyUI reads this one key nowhere else.
         full_precision_matrix_mult=bool(raw.get("full_precision_matrix_mult", False)),
     )
     g = quant.convrot_groupsize
@@ -135,6 +140,54 @@ def check_side(quant: LayerQuant, side: Mapping[str, torch.Tensor]) -> None:
             "never loads weight_correction, so the file has no working reference; only symmetric "
             "files (no weight_correction) are"
         )
+
+
+def _swizzled_scale_count(fmt: str, out_features: int, in_features: int) -> int:
+    """Bytes of the block scales of an nvfp4 / mxfp8 layer: one per block of the padded weight's
+    rows, the scale matrix padded to whole 128x4 tiles (cuBLAS's swizzled layout)."""
+    block = 16 if fmt == "nvfp4" else 32
+    rows, cols = stored_weight_shape(fmt, out_features, in_features)
+    cols = cols * 2 if fmt == "nvfp4" else cols  # nvfp4 packs two values per byte
+    return _ceil_to(rows, 128) * _ceil_to(cols // block, 4)
+
+
+def _side_sizes(quant: LayerQuant, n: int, k: int) -> dict[str, tuple[tuple[int, ...] | None, tuple[int, ...]]]:
+    """suffix -> (exact shape or None, allowed element counts) for a dense ``[n, k]`` layer: what
+    the decoders (and kitchen's) read. Only the element count where files differ in how they lay
+    out the same values (``[N]`` or ``[N, 1]``; the swizzled scales' 2-D shape is a reshape of
+    one buffer); the exact shape where kitchen checks it (w4a8's ``s_rel``)."""
+    fmt = quant.format
+    if fmt in ("nvfp4", "mxfp8"):
+        sizes = {"weight_scale": (None, (_swizzled_scale_count(fmt, n, k),))}
+        if fmt == "nvfp4":  # mxfp8's input_scale is never read
+            sizes.update(weight_scale_2=(None, (1,)), input_scale=(None, (1,)), pre_quant_scale=(None, (k,)))
+        return sizes
+    if fmt in ("float8_e4m3fn", "float8_e5m2"):
+        return {"weight_scale": (None, (1,)), "input_scale": (None, (1,))}
+    if fmt in ("int8_tensorwise", "convrot_w4a4"):  # per tensor, or per output row
+        return {"weight_scale": (None, (1, n))}
+    return {"weight_s_rel": ((n, k // quant.group_size), ()), "weight_s_channel": (None, (n,)),
+            "weight_codebook": (None, (16,))}
+
+
+def check_side_shapes(quant: LayerQuant, side: Mapping[str, torch.Tensor], out_features: int,
+                      in_features: int) -> None:
+    """Raise ValueError when a side tensor's size does not fit a dense ``[out, in]`` layer: a file
+    written in another convention (unswizzled block scales, ``s_rel`` of another group size)
+    would otherwise load and fail at its first forward with a bare reshape error, or where sizes
+    happen to coincide decode to wrong values."""
+    for name, (shape, counts) in _side_sizes(quant, out_features, in_features).items():
+        t = side.get(name)
+        if t is None:
+            continue
+        if shape is not None and tuple(t.shape) != shape:
+            want = f"shape {list(shape)}"
+        elif shape is None and t.numel() not in counts:
+            want = " or ".join(str(c) for c in sorted(set(counts))) + " values"
+        else:
+            continue
+        raise ValueError(f"{name} of shape {list(t.shape)} does not fit a [{out_features}, {in_features}] "
+                         f"{quant.format} layer (expected {want})")
 
 
 def stored_weight_shape(fmt: str, out_features: int, in_features: int) -> tuple[int, int]:
@@ -319,6 +372,15 @@ def dequantize(quant: LayerQuant, weight: torch.Tensor, side: Mapping[str, torch
     if w.shape[0] != out_features or w.shape[1] != in_features:
         w = w[:out_features, :in_features]
     return w.to(dtype)
+
+
+def smoothed_weight(quant: LayerQuant, weight: torch.Tensor, side: Mapping[str, torch.Tensor],
+                    out_features: int, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dequantize`` with the input smoothing folded in, ``(x * s) @ W.T == x @ (W * s).T``: the one
+    plain weight a layer decoded once (at load) computes with."""
+    w = dequantize(quant, weight, side, out_features, in_features, dtype)
+    s = side.get("pre_quant_scale")
+    return w if s is None else w * s.to(w.device, w.dtype)
 
 
 def prepare_input(x: torch.Tensor, side: Mapping[str, torch.Tensor]) -> torch.Tensor:

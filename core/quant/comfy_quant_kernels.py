@@ -9,7 +9,13 @@ As for GGUF (``gguf_kernels``): the shapes are decided up front from the model (
 registers each quantized Linear's format and shape, at most ``max_compiled``); only registered
 shapes are compiled, on their first call, each with its own code object; the first result is
 checked against eager decoding, and a mismatch (that key) or a compiler error (the whole feature)
-falls back to eager with one warning. CPU tensors always take the eager path.
+falls back to eager with one warning. CPU tensors always take the eager path, and so does a call
+traced by an enclosing ``torch.compile`` (ComfyUI's TorchCompileModel around our model): the
+eager decoder then becomes part of that graph, instead of dynamo tracing this bookkeeping and the
+nested compile. A key includes the layout of the stored tensors (the weight's dtype, each side
+tensor's name, dtype and shape): layers of one shape whose files differ there (with or without
+``pre_quant_scale``, float32 or float8 ``s_rel``, a per-tensor or per-row scale) trace different
+graphs, each compiled and checked on its own.
 
 Switch off with ``QWENIMAGE_FUSED_DEQUANT=0``.
 """
@@ -26,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _EAGER = object()  # marker: this key decodes eagerly
 _registered: dict[tuple, int] = {}  # (LayerQuant, out, in) -> values decoded per forward
-_compiled: dict[tuple, object] = {}  # (LayerQuant, out, in, dtype, device) -> compiled fn, or _EAGER
+_compiled: dict[tuple, object] = {}  # (LayerQuant, out, in, dtype, device, layout) -> compiled fn, or _EAGER
 _failed = False  # the compiler does not work in this environment
 min_elements = 1 << 20
 max_compiled = 48
@@ -79,13 +85,19 @@ def _build(quant: comfy_quant.LayerQuant, out_features: int, in_features: int, d
                                      f"{str(dtype).replace('torch.', '')}")
 
 
+def layout(weight: torch.Tensor, side: dict) -> tuple:
+    """What of the stored tensors, besides the layer's format and shape, the traced graph depends on."""
+    return (weight.dtype, *sorted((name, t.dtype, tuple(t.shape)) for name, t in side.items()))
+
+
 def decode(quant: comfy_quant.LayerQuant, weight: torch.Tensor, side: dict, out_features: int, in_features: int,
            dtype: torch.dtype) -> torch.Tensor:
     """``comfy_quant.dequantize``, compiled where this shape was registered and the tensors are on a GPU."""
     global _failed
-    if not _on_gpu(weight) or not available() or (quant, out_features, in_features) not in _registered:
+    if (torch.compiler.is_compiling() or not _on_gpu(weight) or not available()
+            or (quant, out_features, in_features) not in _registered):
         return comfy_quant.dequantize(quant, weight, side, out_features, in_features, dtype)
-    key = (quant, out_features, in_features, dtype, weight.device)
+    key = (quant, out_features, in_features, dtype, weight.device, layout(weight, side))
     fn = _compiled.get(key)
     if fn is _EAGER or (fn is None and len(_compiled) >= max_compiled):
         return comfy_quant.dequantize(quant, weight, side, out_features, in_features, dtype)
