@@ -10,6 +10,7 @@ from ..core.pipeline import latent_format as lf
 from ..core.pipeline import sampling as fm
 from ..core.pipeline import schedule
 from ..core.models.controlnet import step_hook
+from ..core.models.mmdit import REF_METHODS
 from ..core.layers import fold
 from ..core.quant import comfy_quant_kernels, gguf_kernels
 from . import controlnet as control_nodes
@@ -30,6 +31,8 @@ class Cond:
     mask: torch.Tensor | None  # [1 or B, L] bool, None = all real tokens
     refs: list  # normalized reference latents [1 or B,16,h,w]
     control: object = None  # a nodes.controlnet.ControlChain, None when uncontrolled
+    # How the references are placed (ComfyUI's "Edit Model Reference Method"); None: the model's default.
+    ref_method: str | None = None
 
 
 def _as_conds(conditioning, what: str) -> list[Cond]:
@@ -49,8 +52,19 @@ def _as_conds(conditioning, what: str) -> list[Cond]:
                 mask = None
         refs = [lf.normalize(lf.to_4d(r)[0].float()) for r in (extra.get("reference_latents") or [])]
         control = control_nodes.chain_from(extra.get("control"), what) or None
-        out.append(Cond(context=ctx, mask=mask, refs=refs, control=control))
+        out.append(Cond(context=ctx, mask=mask, refs=refs, control=control,
+                        ref_method=_ref_method(extra, bool(refs), what)))
     return out
+
+
+def _ref_method(extra: dict, has_refs: bool, what: str) -> str | None:
+    """The conditioning's reference method (ComfyUI's "Edit Model Reference Method"), checked here
+    so a wrong one is named before the model loads; without references it means nothing."""
+    method = extra.get("reference_latents_method")
+    if method is not None and has_refs and method not in REF_METHODS:
+        raise ValueError(f"{what} conditioning has reference_latents_method {method!r}; Qwen-Image models take "
+                         f"{', '.join(REF_METHODS)}")
+    return method if has_refs else None
 
 
 def _check_context(cond: Cond, module: torch.nn.Module, what: str) -> None:
@@ -111,12 +125,14 @@ class _Guided:
             )
         return self._hooks[key]
 
-    def _forward(self, x, sigma, ctx, mask, refs, control):
+    def _forward(self, x, sigma, ctx, mask, refs, control, ref_method=None):
         kwargs = {}
         if mask is not None:
             kwargs["context_mask"] = mask.to(self.device)
         if refs:
             kwargs["ref_latents"] = [r.to(self.device) for r in refs]
+            if ref_method is not None:  # as ComfyUI: the method only matters with references
+                kwargs["ref_method"] = ref_method
         if control is not None:
             kwargs["control"] = control
         if self.options is not None:
@@ -126,7 +142,8 @@ class _Guided:
     def _one(self, x, sigma, c: Cond):
         b = x.shape[0]
         mask = None if c.mask is None else _expand(c.mask, b)
-        return self._forward(x, sigma, _expand(c.context, b), mask, [_expand(r, b) for r in c.refs], self._control(x, sigma, c))
+        return self._forward(x, sigma, _expand(c.context, b), mask, [_expand(r, b) for r in c.refs],
+                             self._control(x, sigma, c), c.ref_method)
 
     def _mean(self, x, sigma, conds: list[Cond]):
         out = self._one(x, sigma, conds[0])
@@ -138,7 +155,8 @@ class _Guided:
         if not self.batch_cfg or len(self.pos) != 1 or len(self.neg) != 1:
             return False
         p, n = self.pos[0], self.neg[0]
-        if p.control is not n.control or len(p.refs) != len(n.refs):
+        # One call places every reference one way (ComfyUI, too, batches only equal methods).
+        if p.control is not n.control or p.ref_method != n.ref_method or len(p.refs) != len(n.refs):
             return False
         return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(p.refs, n.refs))
 
@@ -174,8 +192,17 @@ class _Guided:
             ctx, mask = torch.cat([pc, nc]), torch.cat([pm, nm])
         refs = [torch.cat([_expand(r, b)] * 2) for r in p.refs]
         control = self._control(x, sigma, p)  # residuals for b rows, repeated over the 2b
-        out = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, mask, refs, control)
+        out = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, mask, refs, control, p.ref_method)
         return out[:b], out[b:]
+
+
+def layered_latent_error(shape, model_name: str) -> ValueError:
+    """What to connect when a plain model gets a latent of several frames (ours and the core bridge)."""
+    return ValueError(
+        f"this latent has {shape[2]} frames ({list(shape)}): a Qwen-Image-Layered latent (composite + layers), but "
+        f"{model_name} is not a Qwen-Image-Layered model. Load {LAYERED_MODEL_FILE} to make layers, or use a "
+        "one-frame latent (Qwen-Image Empty Latent, or ComfyUI's EmptySD3LatentImage)"
+    )
 
 
 def sample(
@@ -209,11 +236,7 @@ def sample(
     frames = None  # Qwen-Image-Layered: the frames (composite + layers) denoised together
     if lf.has_frames(samples):
         if not layered:
-            raise ValueError(
-                f"this latent has {samples.shape[2]} frames ({list(samples.shape)}): a Qwen-Image-Layered latent "
-                f"(composite + layers), but {model.name} is not a Qwen-Image-Layered model. Load "
-                f"{LAYERED_MODEL_FILE} to make layers, or use a one-frame latent (Qwen-Image Empty Latent)"
-            )
+            raise layered_latent_error(samples.shape, model.name)
         raw, five_d, frames = samples, True, samples.shape[2]
         b, _, _, h, w = raw.shape
     else:
@@ -252,7 +275,7 @@ def sample(
         return out
 
     clean = lf.normalize(raw.float())
-    noise = fm.initial_noise(seed, b, h, w) if frames is None else fm.initial_noise(seed, b, h, w, frames=frames)
+    noise = batch_noise(seed, b, h, w, frames, latent_image.get("batch_index"))
     mask = None
     if latent_image.get("noise_mask") is not None:
         mask = fm.latent_mask(latent_image["noise_mask"], b, h, w)
@@ -292,6 +315,20 @@ def sample(
     x = lf.denormalize(x).cpu()
     out["samples"] = lf.tag_layered(x if frames is not None else lf.from_4d(x, five_d), layered)
     return out
+
+
+def batch_noise(seed: int, b: int, h: int, w: int, frames: int | None = None, batch_index=None) -> torch.Tensor:
+    """The initial noise of ``b`` items; with a LATENT's ``batch_index`` (Latent From Batch, Repeat
+    Latent Batch) item i gets the noise of index ``batch_index[i]``, as ComfyUI's KSampler gives it,
+    so one item of a batch can be re-run alone. An item's noise is the i-th draw of one generator
+    and does not depend on the batch size: drawing ``max + 1`` items and picking is exact."""
+    if batch_index is None:
+        return fm.initial_noise(seed, b, h, w, frames=frames)
+    index = [int(i) for i in batch_index]
+    if len(index) != b or min(index) < 0:
+        raise ValueError(f"the latent's batch_index {index} does not fit its batch of {b}: it needs one index >= 0 "
+                         "per item (the node that changed the batch left a stale batch_index)")
+    return fm.initial_noise(seed, max(index) + 1, h, w, frames=frames)[index]
 
 
 def _sync_loras(model) -> None:

@@ -226,3 +226,28 @@ def test_union_lora_at_strength_zero_needs_no_control_image(graph):
         off = lora.QwenImageLoraLoader().apply(graph["base"], LORA, 0.0)[0]
     empty = latents.QwenImageEmptyLatent().generate(32, 32, 1)[0]
     _sample(graph, off, graph["pos"], None, empty, 1, 1, 1.0)
+
+
+def test_core_sampler_path_checks_the_control_image(graph, caplog):
+    """'Qwen-Image as ComfyUI MODEL' + KSampler: the bridge runs the same check on the guider's
+    conditionings (ComfyUI's converted dicts in ``guider.conds``) before the sampler starts."""
+    from types import SimpleNamespace
+
+    from qwenimage_pack.nodes import comfy_model
+
+    def guider(positive_ref: bool, negative_ref: bool, cfg: float):
+        ref = {"reference_latents": [torch.zeros(1, 16, 1, 6, 8)]}
+        entry = lambda with_ref: {"cross_attn": torch.zeros(1, 3, 8), **(ref if with_ref else {})}  # noqa: E731
+        return SimpleNamespace(conds={"positive": [entry(positive_ref)], "negative": [entry(negative_ref)]}, cfg=cfg)
+
+    for cfg in (1.0, 4.0):
+        with pytest.raises(ValueError) as e:
+            comfy_model.union_control_check(graph["model"], guider(False, True, cfg))
+        assert LORA in str(e.value) and "Qwen-Image Control Reference" in str(e.value)
+    comfy_model.union_control_check(graph["style"], guider(False, False, 4.0))  # no union LoRA: nothing to check
+    with caplog.at_level(logging.WARNING):
+        comfy_model.union_control_check(graph["model"], guider(True, False, 1.0))  # cfg 1: the negative is not run
+    assert not any("positive conditioning only" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING):
+        comfy_model.union_control_check(graph["model"], guider(True, False, 4.0))
+    assert any("positive conditioning only" in r.getMessage() for r in caplog.records)

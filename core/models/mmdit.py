@@ -34,6 +34,21 @@ _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda
 # A ControlNet hook: called after block i with the image tokens (target first, then references),
 # returns the new image tokens. See QwenImageMMDiT.forward.
 ControlHook = Callable[[int, torch.Tensor], torch.Tensor]
+REF_METHODS = rope.REF_METHODS
+
+
+def reference_method(method: str | None, config: "MMDiTConfig") -> tuple[str, bool]:
+    """(how references are placed, whether they are modulated at t = 0) for ``method``.
+
+    None is the model's own default: Edit-2511 (``zero_cond_t``) ``index_timestep_zero``,
+    Qwen-Image-Layered ``negative_index``, every other model ``index``; ComfyUI's conditioning
+    can name another (its "Edit Model Reference Method" node).
+    """
+    if method is None:
+        return ("negative_index" if config.layered else "index"), config.zero_cond_t
+    if method not in REF_METHODS:
+        raise ValueError(f"unknown reference latent method {method!r}; use one of {', '.join(REF_METHODS)}")
+    return method, method == "index_timestep_zero"
 
 
 def default_axes(head_dim: int) -> tuple[int, int, int]:
@@ -379,14 +394,16 @@ class QwenImageMMDiT(nn.Module):
         self._compute_dtype = dtype
 
     def _rope_table(self, grids: list[tuple[int, int]], text_len: int, device: torch.device,
-                    frames: tuple[int, ...] | None = None, min_text_start: int = 0) -> torch.Tensor:
-        key = (tuple(grids), text_len, str(device), frames, min_text_start)
+                    frames: tuple[int, ...] | None = None, min_text_start: int = 0,
+                    offsets: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
+        # Everything the table depends on: two calls sharing a key get the same positions.
+        key = (tuple(grids), text_len, str(device), frames, min_text_start, offsets)
         table = self._rope_cache.get(key)
         if table is None:
             if len(self._rope_cache) >= 8:
                 self._rope_cache.pop(next(iter(self._rope_cache)))
             table = rope.build_rope(grids, text_len, self.config.axes_dims_rope, device,
-                                    frames=frames, min_text_start=min_text_start)
+                                    frames=frames, min_text_start=min_text_start, offsets=offsets)
             self._rope_cache[key] = table
         return table
 
@@ -399,6 +416,7 @@ class QwenImageMMDiT(nn.Module):
         ref_latents: list[torch.Tensor] | None = None,
         control: ControlHook | None = None,
         options: RunOptions | None = None,
+        ref_method: str | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity.
 
@@ -410,16 +428,22 @@ class QwenImageMMDiT(nn.Module):
         context_mask: ``[B, L]``, True / 1 for real tokens; needed when a batch mixes prompts
             of different lengths (padding must not be attended). None: every token is real.
         ref_latents: normalized reference latents ``[B or 1, C, h_i, w_i]`` for edit models;
-            they join the image sequence with RoPE frame index 1, 2, ... (Layered: -1, -2, ...,
-            the input image whose layers are made).
+            they join the image sequence after the target, placed by ``ref_method`` (by default
+            at RoPE frames 1, 2, ...; Layered: -1, -2, ..., the input image whose layers are made).
         control: ``control(block_index, img_tokens) -> img_tokens``, called after every block
             with the image residual stream ``[B, N, dim]`` (target tokens first, in packed
             row-major order, then the references; float32 under float16 compute). InstantX
             residuals add ``samples[i // interval]`` to ``img_tokens[:, :n_target]``;
             DiffSynth patches add their block's output the same way. It may modify in place
-            and return None. Models it runs take their own options (none: the defaults).
+            and return None. Models it runs take their own options (none: the defaults). A hook
+            with ``takes_txt = True`` is called ``control(i, img, txt)`` and returns ``(img, txt)``
+            (ComfyUI's block patches read and change the text stream); every block then updates txt.
         options: how this call computes (attention backend, float8 matmuls, GGUF kernels), for
             this call only; None: ``run_options.DEFAULT``.
+        ref_method: how the references are placed, by ComfyUI's names (``REF_METHODS``):
+            ``index`` frames 1, 2, ...; ``index_timestep_zero`` the same, modulated at t = 0;
+            ``negative_index`` frames -1, -2, ...; ``offset`` / ``uxo`` all at frame 1, side by
+            side. None: the model's default (``reference_method``).
         Returns the velocity ``[B, C, H, W]`` (same rank) in ``x``'s dtype.
         """
         cfg = self.config
@@ -435,6 +459,7 @@ class QwenImageMMDiT(nn.Module):
             frames_x = list(x.unbind(2)) if x.shape[2] > 1 else [x[:, :, 0]]
         else:
             frames_x = [x]
+        method, ref_at_zero = reference_method(ref_method, cfg)
         x = frames_x[0]
         if x.ndim != 4 or x.shape[1] != cfg.out_channels:
             raise ValueError(f"x must be [B, {cfg.out_channels}, H, W], got shape {tuple(x.shape)}")
@@ -454,8 +479,11 @@ class QwenImageMMDiT(nn.Module):
             grids.append(grid)
             seqs.append(tokens.to(wide))
         n_frames = len(frames_x)
+        ref_sizes = []
         for ref in ref_latents or []:
-            ref_tokens, ref_grid = pack_latent(self._check_ref(ref, B), p)
+            ref = self._check_ref(ref, B)
+            ref_sizes.append(tuple(ref.shape[-2:]))  # the side-by-side layout reads unpadded sizes
+            ref_tokens, ref_grid = pack_latent(ref, p)
             grids.append(ref_grid)
             seqs.append(ref_tokens.to(device=device, dtype=wide).expand(B, -1, -1))
         n_target = n_frames * grid[0] * grid[1]
@@ -466,8 +494,7 @@ class QwenImageMMDiT(nn.Module):
         shared = B == 1 or bool((sigma == sigma[0]).all())
         t = sigma[:1] if shared else sigma
         rows = t.shape[0]
-        ref_segments = cfg.zero_cond_t and len(grids) > 1
-        if ref_segments:  # Edit-2511: reference tokens are modulated as if clean (t = 0).
+        if ref_at_zero and ref_sizes:  # Edit-2511: reference tokens are modulated as if clean (t = 0).
             t = torch.cat([t, torch.zeros_like(t)])
             img_segments = [slice(0, n_target), slice(n_target, None)]
         else:
@@ -475,19 +502,22 @@ class QwenImageMMDiT(nn.Module):
         temb = self.time_text_embed(t.to(dtype), wide, options)
         act = F.silu(temb)
 
-        if cfg.layered:  # layers at frames 0..F-1, references at -1, -2, ...; text after the layers
-            frame_ids = tuple(range(n_frames)) + tuple(-(i + 1) for i in range(len(grids) - n_frames))
-            table = self._rope_table(grids, txt.shape[1], device, frame_ids, n_frames)
-        else:
-            table = self._rope_table(grids, txt.shape[1], device)
+        # Target frames 0..F-1, references where the method puts them; Layered: text after the layers.
+        ref_frames, ref_offsets = rope.reference_placement(method, ref_sizes, p)
+        offsets = None if ref_offsets is None else tuple([(0, 0)] * n_frames + ref_offsets)
+        table = self._rope_table(grids, txt.shape[1], device, tuple(range(n_frames)) + ref_frames,
+                                 n_frames if cfg.layered else 0, offsets)
         if mask is not None:  # image tokens are always attended
             mask = torch.cat([mask, mask.new_ones(B, img.shape[1])], dim=1)[:, None, None, :]
-        last = len(self.transformer_blocks) - 1
+        # The text stream's last update feeds nothing (skipped) unless a hook reads it.
+        takes_txt = bool(getattr(control, "takes_txt", False))
+        txt_blocks = len(self.transformer_blocks) - (0 if takes_txt else 1)
         for i, block in enumerate(self.transformer_blocks):
-            # The text stream's last update feeds nothing: skip it.
-            img, txt = block(img, txt, act, act[:rows], img_segments, table, mask, dtype, need_txt=i < last,
+            img, txt = block(img, txt, act, act[:rows], img_segments, table, mask, dtype, need_txt=i < txt_blocks,
                              options=options)
-            if control is not None:
+            if takes_txt:
+                img, txt = control(i, img, txt)
+            elif control is not None:
                 changed = control(i, img)
                 img = img if changed is None else changed
 

@@ -9,6 +9,7 @@ import json
 
 import probe_boot  # noqa: F401  (ComfyUI on the path, its settings, the pack importable)
 import comfy.model_management  # noqa: E402
+import comfy.ops  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
@@ -41,16 +42,16 @@ def conditioning(seed: int, refs=None):
     return [[ctx, extra]]
 
 
-def ours(handle, positive, steps=STEPS):
-    latent = {"samples": torch.zeros(1, 16, H, W)}
+def ours(handle, positive, steps=STEPS, size=(H, W)):
+    latent = {"samples": torch.zeros(1, 16, *size)}
     return sampling.sample(handle, positive, latent, SEED, steps, 1.0, "constant", 3.0)["samples"]
 
 
-def core_custom(model, positive, steps=STEPS):
+def core_custom(model, positive, steps=STEPS, size=(H, W)):
     """Core SamplerCustomAdvanced's call: the same sigmas and noise, euler, cfg 1."""
-    sigmas = schedule.flow_sigmas(steps, "constant", 3.0, schedule.image_seq_len(H, W))
-    noise = fm.initial_noise(SEED, 1, H, W)[:, :, None]
-    latent = torch.zeros(1, 16, 1, H, W)
+    sigmas = schedule.flow_sigmas(steps, "constant", 3.0, schedule.image_seq_len(*size))
+    noise = fm.initial_noise(SEED, 1, *size)[:, :, None]
+    latent = torch.zeros(1, 16, 1, *size)
     sampler = comfy.samplers.sampler_object("euler")
     out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, positive, positive, latent,
                                      disable_pbar=True, seed=SEED)
@@ -146,7 +147,6 @@ try:
 except ValueError as err:
     out["core_model_in_our_sampler"] = "ComfyUI MODEL" in str(err)
 # 9. A DiffSynth patch from core 'Load Model Patch' (MODEL_PATCH) becomes our ControlNet, weights intact.
-import comfy.ops  # noqa: E402
 from comfy_extras.nodes_model_patch import QwenImageBlockWiseControlNet  # noqa: E402
 from qwenimage_pack.nodes import controlnet as control_nodes  # noqa: E402
 
@@ -168,4 +168,151 @@ try:
     out["foreign_model_patch_refused"] = "no error"
 except ValueError as err:
     out["foreign_model_patch_refused"] = "not a Qwen-Image DiffSynth ControlNet patch" in str(err)
+
+# 10. The conditioning's reference method ("Edit Model Reference Method") reaches our MMDiT: a single
+#     model call through the bridge == ComfyUI's own Qwen model holding the same weights, per method.
+#     The q / k norms are raised so the output depends on the RoPE positions (at std 0.05 it barely
+#     does); even token grids, where ComfyUI and diffusers centre alike.
+import logging  # noqa: E402
+
+from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel  # noqa: E402
+from comfy_extras.nodes_flux import FluxKontextMultiReferenceLatentMethod  # noqa: E402
+
+
+def sharp_handle() -> DiffusionModel:
+    handle = tiny_handle()
+    with torch.no_grad():
+        for name, p in handle.module.named_parameters():
+            if ".norm_" in name:
+                p.fill_(4.0)
+    return handle
+
+
+def native_model(module):
+    native = QwenImageTransformer2DModel(num_layers=2, attention_head_dim=32, num_attention_heads=2,
+                                         joint_attention_dim=TEXT_DIM, axes_dims_rope=(8, 12, 12),
+                                         default_ref_method="index", operations=comfy.ops.disable_weight_init,
+                                         dtype=torch.float32)
+    native.load_state_dict(module.state_dict(), strict=False)
+    return native.eval()
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def with_method(cond, method):
+    if method is None:
+        return cond
+    result = FluxKontextMultiReferenceLatentMethod.execute(cond, method)
+    return result[0] if isinstance(result, tuple) else result.result[0]
+
+
+sharp = sharp_handle()
+sharp_model = comfy_model.as_comfy_model(sharp)
+native = native_model(sharp.module)
+base = sharp_model.model
+g = torch.Generator().manual_seed(11)
+x = torch.randn(1, 16, 1, 8, 12, generator=g)
+sig = torch.tensor([0.6])
+two_refs = [torch.randn(1, 16, 1, 8, 8, generator=g), torch.randn(1, 16, 1, 4, 12, generator=g)]
+METHODS = (None, "index", "index_timestep_zero", "negative_index", "offset", "uxo/uno")
+denoised = {}
+method_ok = {}
+for method in METHODS:
+    cond = with_method(conditioning(1, refs=two_refs), method)
+    extra = {k: v.cond for k, v in base.extra_conds(**{"cross_attn": cond[0][0], **cond[0][1]}).items()}
+    with torch.no_grad():
+        ours_out = base.apply_model(x, sig, **extra)
+        kwargs = {} if "ref_latents_method" not in extra else {"ref_latents_method": extra["ref_latents_method"]}
+        v = native(base.model_sampling.calculate_input(sig, x), base.model_sampling.timestep(sig).float(),
+                   extra["c_crossattn"], ref_latents=extra["ref_latents"], **kwargs)
+        theirs = base.model_sampling.calculate_denoised(sig, v, x)
+    denoised[method] = theirs
+    method_ok[str(method)] = rel(ours_out, theirs) < 1e-6
+out["ref_method_vs_comfyui"] = method_ok
+# the discriminator: each method's answer is far from the others' (the check above can tell them
+# apart: the denoised latent mixes in x, so the gaps are smaller than the velocities')
+out["ref_methods_differ"] = min(rel(denoised[a], denoised[b]) for a in METHODS[1:] for b in METHODS[1:]
+                                if a != b and {a, b} != {"offset", "uxo/uno"}) > 1e-4
+# our sampler and a core sampler agree on a conditioning carrying a method (the sampler keeps it)
+pos_method = with_method(conditioning(1, refs=two_refs), "index_timestep_zero")
+out["ref_method_sampler_vs_core"] = rel(core_custom(sharp_model, pos_method, size=(8, 12)),
+                                        ours(sharp, pos_method, size=(8, 12))) < 1e-5
+
+# 11. The bridge names patch types it does not run, once per type, and still samples: core FluxKVCache
+#     (post_input / attn1_patch, a speed-up) runs without its cache, its object patch of the model's
+#     default_ref_method honoured (index_timestep_zero, as ComfyUI's model has it then). A
+#     double_block patch gets the text stream and its change is used, as in ComfyUI's own model.
+from comfy_extras.nodes_flux import FluxKVCache  # noqa: E402
+
+records = []
+capture = logging.Handler()
+capture.emit = lambda record: records.append(record.getMessage())
+logging.getLogger("qwenimage").addHandler(capture)
+kv = FluxKVCache.execute(sharp_model)
+kv = kv[0] if isinstance(kv, tuple) else kv.result[0]
+pos_refs = conditioning(1, refs=two_refs)
+with_kv = core_custom(kv, pos_refs, size=(8, 12))
+core_custom(kv, pos_refs, steps=1, size=(8, 12))
+logging.getLogger("qwenimage").removeHandler(capture)
+named = sorted(n for n in ("post_input", "attn1_patch") for r in records if f"'{n}'" in r)
+out["skipped_patches_warned_once"] = named == ["attn1_patch", "post_input"]
+out["kv_cache_model_is_index_timestep_zero"] = rel(with_kv, ours(sharp, pos_method, size=(8, 12))) < 1e-5
+comfy.model_management.unload_all_models()  # ComfyUI takes its object patch back with the model
+out["kv_cache_object_patch_undone"] = not hasattr(sharp.module, "default_ref_method")
+
+txt_seen = []
+
+
+def txt_patch(args):
+    txt_seen.append(args["txt"] is not None and args["txt"].shape[1] == 5)
+    # a per-channel scale: the next block's layer norm would undo a plain one
+    txt = args["txt"]
+    return {**args, "txt": txt * torch.linspace(0, 2, txt.shape[-1])} if args["block_index"] == 0 else args
+
+
+cond = conditioning(1, refs=[two_refs[0]])
+extra = {k: v.cond for k, v in base.extra_conds(**{"cross_attn": cond[0][0], **cond[0][1]}).items()}
+opts = {"patches": {"double_block": [txt_patch]}}
+with torch.no_grad():
+    ours_txt = base.apply_model(x, sig, transformer_options=dict(opts), **extra)
+    v = native(base.model_sampling.calculate_input(sig, x), base.model_sampling.timestep(sig).float(),
+               extra["c_crossattn"], ref_latents=extra["ref_latents"], transformer_options=dict(opts))
+    theirs_txt = base.model_sampling.calculate_denoised(sig, v, x)
+    plain_out = base.apply_model(x, sig, **extra)
+out["double_block_patch_txt"] = (all(txt_seen) and len(txt_seen) == 4 and rel(ours_txt, theirs_txt) < 1e-5
+                                 and rel(ours_txt, plain_out) > 1e-4)
+
+# 12. A LATENT's batch_index: our sampler's noise == ComfyUI's prepare_noise (items picked by index).
+index = [2, 0, 2]
+out["batch_index_noise_vs_core"] = torch.equal(
+    sampling.batch_noise(SEED, 3, H, W, batch_index=index),
+    comfy.sample.prepare_noise(torch.zeros(3, 16, 1, H, W), SEED, index)[:, :, 0])
+
+# 13. A union control LoRA on the handle: KSampler through the bridge wants the control image too.
+import tempfile  # noqa: E402
+
+import folder_paths  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from qwenimage_pack.nodes import lora as lora_nodes  # noqa: E402
+
+union_name = "qwen_image_union_diffsynth_lora.safetensors"
+with tempfile.TemporaryDirectory() as lora_dir:
+    save_file({"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.randn(4, 64) * 0.01,
+               "transformer_blocks.0.attn.to_q.lora_B.default.weight": torch.randn(64, 4) * 0.01},
+              f"{lora_dir}/{union_name}")
+    folder_paths.add_model_folder_path("loras", lora_dir)
+    union = lora_nodes.QwenImageLoraLoader().apply(handle, union_name, 1.0)[0]
+try:
+    core_ksampler(comfy_model.as_comfy_model(union), "euler")
+    out["union_lora_needs_control_image"] = "no error"
+except ValueError as err:
+    out["union_lora_needs_control_image"] = union_name in str(err) and "Control Reference" in str(err)
+with_control = [conditioning(1, refs=[ref]), conditioning(2, refs=[ref])]
+noise = comfy.sample.prepare_noise(torch.zeros(1, 16, 1, H, W), SEED)
+k = comfy.sample.sample(comfy_model.as_comfy_model(union), noise, 2, 2.5, "euler", "simple", *with_control,
+                        torch.zeros(1, 16, 1, H, W), disable_pbar=True, seed=SEED)
+out["union_lora_with_control_image_runs"] = bool(torch.isfinite(k).all())
 print(json.dumps(out))

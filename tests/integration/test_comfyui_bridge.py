@@ -5,7 +5,12 @@ Core euler (SamplerCustomAdvanced's path) with our sigmas and noise gives our sa
 finite; ModelSamplingAuraFlow's object patch, a double_block patch (core DiffSynth ControlNet's
 hook) and a core weight patch (core LoRA loaders) are honoured, the weight patch equal to the
 same change made by hand and undone on unload; patches on scaled-fp8 weights and a core MODEL
-in our sampler are refused by name; a core MODEL_PATCH DiffSynth patch becomes our ControlNet. Runs in ComfyUI's own Python; skipped without COMFYUI_DIR.
+in our sampler are refused by name; a core MODEL_PATCH DiffSynth patch becomes our ControlNet. The
+conditioning's reference method gives ComfyUI's own model's output for every method (q / k norms
+raised so positions matter), and our sampler keeps it too; patch types the bridge does not run
+are named once each (core FluxKVCache's graph still runs, at its reference method); a double_block patch reads and changes the text stream as in ComfyUI; a
+LATENT's batch_index picks ComfyUI's noise; a union control LoRA wants its control image on the
+core path too. Runs in ComfyUI's own Python; skipped without COMFYUI_DIR.
 """
 from __future__ import annotations
 
@@ -31,4 +36,15 @@ def test_core_samplers_run_our_model_exactly():
         "core_model_in_our_sampler": True,
         "model_patch_converted": True,
         "foreign_model_patch_refused": True,
+        "ref_method_vs_comfyui": {m: True for m in ("None", "index", "index_timestep_zero", "negative_index",
+                                                    "offset", "uxo/uno")},
+        "ref_methods_differ": True,
+        "ref_method_sampler_vs_core": True,
+        "skipped_patches_warned_once": True,
+        "kv_cache_model_is_index_timestep_zero": True,
+        "kv_cache_object_patch_undone": True,
+        "double_block_patch_txt": True,
+        "batch_index_noise_vs_core": True,
+        "union_lora_needs_control_image": True,
+        "union_lora_with_control_image_runs": True,
     }
