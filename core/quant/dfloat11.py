@@ -379,6 +379,19 @@ def _after_block(block: nn.Module, args, output) -> None:
         block.get_submodule(name).weight = _placeholder(shape)
 
 
+def compressed_weights(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{prefix + "<block>.<layer>.weight": placeholder}`` for every weight a DFloat11 group of
+    ``module`` holds compressed: the names a state dict of the uncompressed model would have
+    (the placeholders are on the meta device, shape only)."""
+    out = {}
+    for name, group in module.named_modules():
+        if isinstance(group, DF11Group):
+            block = name.rpartition(".")[0]
+            for layer, shape in group.layout:
+                out[f"{prefix}{block + '.' if block else ''}{layer}.weight"] = _placeholder(shape)
+    return out
+
+
 def decode_bytes(module: nn.Module) -> int:
     """Bytes the largest compressed block of ``module`` holds decoded while it runs (its bf16
     weights live from its pre-hook to its hook): working memory to count next to the model."""

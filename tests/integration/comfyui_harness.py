@@ -78,12 +78,13 @@ def comfyui_paths() -> tuple[Path, Path]:
     return comfy, python
 
 
-def run_probe(name: str, timeout: float = 600) -> dict:
+def run_probe(name: str, *args: str, timeout: float = 600) -> dict:
     """Run the probe script ``name`` (next to this file, started by probe_boot.py) in ComfyUI's own
-    Python against this checkout; returns the JSON observations it prints last."""
+    Python against this checkout, ``args`` after the two paths; returns the JSON observations it
+    prints last."""
     comfy, python = comfyui_paths()
     pack = Path(__file__).resolve().parents[2]
-    run = subprocess.run([str(python), str(Path(__file__).with_name(name)), str(comfy), str(pack)],
+    run = subprocess.run([str(python), str(Path(__file__).with_name(name)), str(comfy), str(pack), *args],
                          capture_output=True, text=True, timeout=timeout, cwd=str(comfy))
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])

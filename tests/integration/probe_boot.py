@@ -2,7 +2,8 @@
 ComfyUI on its path with its command-line settings parsed (``--cpu``), and this pack importable
 as ``qwenimage_pack``, the way ComfyUI loads a custom node folder.
 
-A probe is called as ``python PROBE <ComfyUI checkout> <this pack's checkout>`` and starts with
+A probe is called as ``python PROBE <ComfyUI checkout> <this pack's checkout> [args]`` (``args``
+here) and starts with
 ``import probe_boot`` (its own folder is first on sys.path), before importing ``comfy.*``.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib.util
 import sys
 
 comfy_dir, pack_dir = sys.argv[1], sys.argv[2]
+args = sys.argv[3:]  # the probe's own arguments (run_probe's extra args)
 sys.argv = [sys.argv[0], "--cpu"]
 sys.path.insert(0, comfy_dir)
 
