@@ -5,6 +5,7 @@ argv: <ComfyUI checkout> <this pack's checkout> (see probe_boot.py). Prints one 
 """
 from __future__ import annotations
 
+import inspect
 import json
 
 import probe_boot  # noqa: F401  (ComfyUI on the path, its settings, the pack importable)
@@ -188,11 +189,17 @@ def sharp_handle() -> DiffusionModel:
     return handle
 
 
+# ComfyUI 0.30 knows five reference methods (and a model default); 0.3.64 only index and offset
+# (any other name: offset), and has no FluxKVCache. Older ComfyUI is compared on what it has.
+REF_METHODS_030 = "default_ref_method" in inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+out["comfyui_has_all_ref_methods"] = REF_METHODS_030
+
+
 def native_model(module):
+    extra = {"default_ref_method": "index"} if REF_METHODS_030 else {}
     native = QwenImageTransformer2DModel(num_layers=2, attention_head_dim=32, num_attention_heads=2,
                                          joint_attention_dim=TEXT_DIM, axes_dims_rope=(8, 12, 12),
-                                         default_ref_method="index", operations=comfy.ops.disable_weight_init,
-                                         dtype=torch.float32)
+                                         operations=comfy.ops.disable_weight_init, dtype=torch.float32, **extra)
     native.load_state_dict(module.state_dict(), strict=False)
     return native.eval()
 
@@ -216,7 +223,8 @@ g = torch.Generator().manual_seed(11)
 x = torch.randn(1, 16, 1, 8, 12, generator=g)
 sig = torch.tensor([0.6])
 two_refs = [torch.randn(1, 16, 1, 8, 8, generator=g), torch.randn(1, 16, 1, 4, 12, generator=g)]
-METHODS = (None, "index", "index_timestep_zero", "negative_index", "offset", "uxo/uno")
+METHODS = ((None, "index", "index_timestep_zero", "negative_index", "offset", "uxo/uno") if REF_METHODS_030
+           else (None, "index", "offset", "uxo/uno"))
 denoised = {}
 method_ok = {}
 for method in METHODS:
@@ -244,23 +252,24 @@ out["ref_method_sampler_vs_core"] = rel(core_custom(sharp_model, pos_method, siz
 #     (post_input / attn1_patch, a speed-up) runs without its cache, its object patch of the model's
 #     default_ref_method honoured (index_timestep_zero, as ComfyUI's model has it then). A
 #     double_block patch gets the text stream and its change is used, as in ComfyUI's own model.
-from comfy_extras.nodes_flux import FluxKVCache  # noqa: E402
-
 records = []
 capture = logging.Handler()
 capture.emit = lambda record: records.append(record.getMessage())
 logging.getLogger("qwenimage").addHandler(capture)
-kv = FluxKVCache.execute(sharp_model)
-kv = kv[0] if isinstance(kv, tuple) else kv.result[0]
-pos_refs = conditioning(1, refs=two_refs)
-with_kv = core_custom(kv, pos_refs, size=(8, 12))
-core_custom(kv, pos_refs, steps=1, size=(8, 12))
+if REF_METHODS_030:
+    from comfy_extras.nodes_flux import FluxKVCache  # noqa: E402
+
+    kv = FluxKVCache.execute(sharp_model)
+    kv = kv[0] if isinstance(kv, tuple) else kv.result[0]
+    pos_refs = conditioning(1, refs=two_refs)
+    with_kv = core_custom(kv, pos_refs, size=(8, 12))
+    core_custom(kv, pos_refs, steps=1, size=(8, 12))
+    named = sorted(n for n in ("post_input", "attn1_patch") for r in records if f"'{n}'" in r)
+    out["skipped_patches_warned_once"] = named == ["attn1_patch", "post_input"]
+    out["kv_cache_model_is_index_timestep_zero"] = rel(with_kv, ours(sharp, pos_method, size=(8, 12))) < 1e-5
+    comfy.model_management.unload_all_models()  # ComfyUI takes its object patch back with the model
+    out["kv_cache_object_patch_undone"] = not hasattr(sharp.module, "default_ref_method")
 logging.getLogger("qwenimage").removeHandler(capture)
-named = sorted(n for n in ("post_input", "attn1_patch") for r in records if f"'{n}'" in r)
-out["skipped_patches_warned_once"] = named == ["attn1_patch", "post_input"]
-out["kv_cache_model_is_index_timestep_zero"] = rel(with_kv, ours(sharp, pos_method, size=(8, 12))) < 1e-5
-comfy.model_management.unload_all_models()  # ComfyUI takes its object patch back with the model
-out["kv_cache_object_patch_undone"] = not hasattr(sharp.module, "default_ref_method")
 
 txt_seen = []
 
