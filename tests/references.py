@@ -151,6 +151,31 @@ def tiny_text_encoder(seed: int = 2):
     return model
 
 
+def qwen25vl_reference(layers: int = 2, vision_depth: int = 1, vision_intermediate: int = 64,
+                       vocab: int = 1000, seed: int = 0):
+    """transformers' Qwen2.5-VL at hidden 256 (the loader tests' reference): norms in [0.5, 1.5],
+    every other weight N(0, 0.05). ``vision_intermediate`` 40 is no multiple of 16 or 32, like the
+    real tower's 3420 (nvfp4 / mxfp8 store it padded)."""
+    import transformers
+
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=256, intermediate_size=384, num_hidden_layers=layers,
+            num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        ),
+        vision_config=dict(depth=vision_depth, hidden_size=32, intermediate_size=vision_intermediate, num_heads=2,
+                           out_hidden_size=256, fullatt_block_indexes=[0]),
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.05)
+    return model
+
+
 def original_text_layout(sd: dict) -> dict:
     """transformers-5 names -> the names in the published checkpoints (model.layers.*, visual.*)."""
     out = {}

@@ -24,6 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from test_comfy_quant_kernels import builds  # noqa: F401  (fixture: compiled decoding with a stand-in compiler)
+from test_comfy_quant_load import FORMATS as LOAD_FORMATS
 from test_load_mmdit import inputs, ref, rel_err, run_ours, run_ref, state, with_weights  # noqa: F401  (fixtures)
 
 from qwenimage_pack.core.errors import WeightFileError
@@ -40,17 +42,11 @@ ck = pytest.importorskip("comfy_kitchen")
 ck_tensor = pytest.importorskip("comfy_kitchen.tensor")
 QuantizedTensor = ck_tensor.QuantizedTensor
 
-# format id -> (comfy_quant JSON, kitchen layout, layout kwargs); groups of 16 divide the tiny widths.
+# format id -> (comfy_quant JSON, kitchen layout, layout kwargs): the load tests' formats, plus a
+# plain int8 layer and a w4a8 one with groups of 32 and no codebook.
 FORMATS = {
-    "nvfp4": ({"format": "nvfp4"}, "TensorCoreNVFP4Layout", {}),
-    "mxfp8": ({"format": "mxfp8"}, "TensorCoreMXFP8Layout", {}),
+    **LOAD_FORMATS,
     "int8": ({"format": "int8_tensorwise"}, "TensorWiseINT8Layout", {}),
-    "int8_convrot": ({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 16},
-                     "TensorWiseINT8Layout", {"per_channel": True, "convrot": True, "convrot_groupsize": 16}),
-    "convrot_w4a4": ({"format": "convrot_w4a4", "convrot_groupsize": 16}, "TensorCoreConvRotW4A4Layout",
-                     {"convrot_groupsize": 16}),
-    "w4a8": ({"format": "asym_w4a8_int8", "group_size": 16, "convrot_groupsize": 16}, "AsymW4A8Int8Layout",
-             {"group_size": 16, "convrot_groupsize": 16}),
     "w4a8_g32": ({"format": "asym_w4a8_int8", "group_size": 32, "convrot_groupsize": 16}, "AsymW4A8Int8Layout",
                  {"group_size": 32, "convrot_groupsize": 16, "codebook": False}),
 }
@@ -177,7 +173,7 @@ def test_a_quantized_embedding_is_decoded_at_load(tmp_path):
     from qwenimage_pack.core.loading.load import load_text_encoder
 
     pytest.importorskip("transformers")
-    model_ref = _text_reference()
+    model_ref = refs.qwen25vl_reference(layers=1, vision_intermediate=40)
     dense = copy.deepcopy(model_ref)
     out = {}
     conf = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 16}
@@ -202,25 +198,6 @@ def test_a_quantized_embedding_is_decoded_at_load(tmp_path):
         expected = dense.model(input_ids=ids).last_hidden_state
         ours = model(input_ids=ids)
     assert rel_err(ours, expected) <= 1e-5
-
-
-def _text_reference():
-    import transformers
-
-    cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=1000, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=256,
-                           fullatt_block_indexes=[0]),
-    )
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.05)
-    return model
 
 
 def test_a_quantized_weight_on_another_module_is_refused(ref, tmp_path):
@@ -489,22 +466,6 @@ def test_a_file_whose_side_tensors_do_not_fit_fails_at_load(ref, tmp_path):
 
 
 # ------------------------------------------------------------------ 8. compiled decoding
-
-
-@pytest.fixture
-def builds(monkeypatch):
-    kernels.reset()
-    monkeypatch.setattr(kernels, "min_elements", 0)
-    monkeypatch.setattr(kernels, "_on_gpu", lambda t: True)
-    built = []
-
-    def fake_build(quant, out_f, in_f, dtype):
-        built.append((quant.format, out_f, in_f, dtype))
-        return lambda weight, side: comfy_quant.dequantize(quant, weight, side, out_f, in_f, dtype)
-
-    monkeypatch.setattr(kernels, "_build", fake_build)
-    yield built
-    kernels.reset()
 
 
 def test_decoding_inside_an_enclosing_compile_stays_eager(builds):

@@ -37,22 +37,7 @@ FORMATS = {  # JSON as ComfyUI writes it, kitchen layout, its arguments
 
 @pytest.fixture(scope="module")
 def reference():
-    cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-        ),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2,
-                           out_hidden_size=256, fullatt_block_indexes=[0]),
-    )
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.05)
-    return model
+    return refs.qwen25vl_reference(vision_depth=2, vision_intermediate=40, vocab=VOCAB)
 
 
 def _quantized(reference, fmt: str, tmp_path):

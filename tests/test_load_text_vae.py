@@ -33,22 +33,7 @@ def fp8_quantize(w: torch.Tensor):
 
 @pytest.fixture(scope="module")
 def text_ref():
-    cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-        ),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=256, fullatt_block_indexes=[0]),
-    )
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.05)
-    return model
+    return refs.qwen25vl_reference(vocab=VOCAB)
 
 
 original_layout = refs.original_text_layout  # the names in ComfyUI's qwen_2.5_vl_7b.safetensors
