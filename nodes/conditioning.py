@@ -5,7 +5,7 @@ import torch
 
 from ..core.encoders import text_encoder as te
 from . import placement, runtime
-from .handles import TEXT_ENCODER_TYPE, VAE_TYPE
+from .handles import TEXT_ENCODER_TYPE, VAE_TYPE, conditioning_entries
 from .latents import QwenImageVAEEncode
 
 VAE_STEP = 8  # pixels per latent pixel: the control image is cropped to a multiple, as ComfyUI's VAEEncode does
@@ -48,15 +48,11 @@ class QwenImageTextEncode:
 def with_reference(conditioning, latent: torch.Tensor, what: str) -> list:
     """``conditioning`` with ``latent`` appended to each entry's ``reference_latents`` (ComfyUI's
     ReferenceLatent: the entries' dicts are copied, earlier references kept)."""
-    if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise ValueError(f"{what} conditioning is empty; connect a Qwen-Image Text Encode (or CLIP Text Encode) output")
     out = []
-    for entry in conditioning:
-        if not (isinstance(entry, (list, tuple)) and len(entry) >= 2 and isinstance(entry[0], torch.Tensor)):
-            raise ValueError(f"{what} conditioning is not in ComfyUI's [[tensor, dict], ...] format")
-        extra = dict(entry[1] or {})
+    for ctx, extra in conditioning_entries(conditioning, what):
+        extra = dict(extra)
         extra["reference_latents"] = list(extra.get("reference_latents") or []) + [latent]
-        out.append([entry[0], extra])
+        out.append([ctx, extra])
     return out
 
 

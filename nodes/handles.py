@@ -22,6 +22,19 @@ VAE_TYPE = "QWENIMAGE_VAE"
 VARIANTS = ("auto", "qwen-image", "edit", "edit-2509", "edit-2511")
 
 
+def conditioning_entries(conditioning, what: str) -> list[tuple[torch.Tensor, dict]]:
+    """The ``(tensor, extras)`` pairs of a ComfyUI CONDITIONING (``[[tensor, dict], ...]``), or a
+    ValueError saying what to connect to the ``what`` input."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(f"{what} conditioning is empty; connect a Qwen-Image Text Encode (or CLIP Text Encode) output")
+    out = []
+    for entry in conditioning:
+        if not (isinstance(entry, (list, tuple)) and len(entry) >= 2 and isinstance(entry[0], torch.Tensor)):
+            raise ValueError(f"{what} conditioning is not in ComfyUI's [[tensor, dict], ...] format")
+        out.append((entry[0], entry[1] or {}))
+    return out
+
+
 @dataclass(frozen=True)
 class DiffusionModel:
     module: torch.nn.Module

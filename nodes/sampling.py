@@ -17,7 +17,7 @@ from . import controlnet as control_nodes
 from . import lora as lora_nodes
 from . import placement, runtime
 from .latents import LAYERED_MODEL_FILE, check_latents_for_model
-from .handles import MODEL_TYPE
+from .handles import MODEL_TYPE, conditioning_entries
 from .options import speed_settings
 
 SAMPLERS = ("euler",)
@@ -36,13 +36,8 @@ class Cond:
 
 
 def _as_conds(conditioning, what: str) -> list[Cond]:
-    if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise ValueError(f"{what} conditioning is empty; connect a Qwen-Image Text Encode (or CLIP Text Encode) output")
     out = []
-    for entry in conditioning:
-        if not (isinstance(entry, (list, tuple)) and len(entry) >= 2 and isinstance(entry[0], torch.Tensor)):
-            raise ValueError(f"{what} conditioning is not in ComfyUI's [[tensor, dict], ...] format")
-        ctx, extra = entry[0], entry[1] or {}
+    for ctx, extra in conditioning_entries(conditioning, what):
         if ctx.ndim != 3:
             raise ValueError(f"{what} conditioning tensor must be [batch, tokens, features]; got {tuple(ctx.shape)}")
         mask = extra.get("attention_mask")
