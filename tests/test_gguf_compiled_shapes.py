@@ -115,3 +115,22 @@ def test_small_weights_are_not_registered(builds, monkeypatch):
 def test_enable_still_registers_the_fused_path(builds):
     assert gguf_kernels.enable(force=True)
     assert gguf_kernels.prepare(nn.Module()) == 0
+
+
+def test_a_wrong_compiled_result_or_a_compiler_failure_falls_back(builds, monkeypatch):
+    """The first result of a compiled kernel is checked against gguf-py's values: a wrong one
+    makes that shape eager for good; a compiler error turns compiled dequantization off."""
+    a, b = quantized_linear(64, 256, seed=1), quantized_linear(32, 256, seed=2)
+    gguf_kernels.prepare(nn.ModuleList([a, b]))
+    monkeypatch.setattr(gguf_kernels, "_build",
+                        lambda qtype, rows, cols, dtype: (lambda blocks: torch.zeros(rows, cols)))
+    assert torch.equal(gguf_kernels.fused_dequantize(a.weight, int(T.Q8_0), 256, torch.float32), reference(a.weight))
+    assert gguf_kernels._compiled[(int(T.Q8_0), tuple(a.weight.shape), 256, torch.float32, a.weight.device)] \
+        is gguf_kernels._EAGER
+
+    def broken(*args):
+        raise RuntimeError("no triton")
+
+    monkeypatch.setattr(gguf_kernels, "_build", broken)
+    assert torch.equal(gguf_kernels.fused_dequantize(b.weight, int(T.Q8_0), 256, torch.float32), reference(b.weight))
+    assert gguf_kernels._failed

@@ -30,7 +30,7 @@ from . import comfy_quant, compiling
 
 log = logging.getLogger(__name__)
 
-_EAGER = object()  # marker: this key decodes eagerly
+_EAGER = compiling.EAGER  # marker: this key decodes eagerly
 _registered: dict[tuple, int] = {}  # (LayerQuant, out, in) -> values decoded per forward
 _compiled: dict[tuple, object] = {}  # (LayerQuant, out, in, dtype, device, layout) -> compiled fn, or _EAGER
 _failed = False  # the compiler does not work in this environment
@@ -105,17 +105,12 @@ def decode(quant: comfy_quant.LayerQuant, weight: torch.Tensor, side: dict, out_
         return fn(weight, side)
     ref = comfy_quant.dequantize(quant, weight, side, out_features, in_features, dtype)
     try:
-        fn = _build(quant, out_features, in_features, dtype)
-        out = fn(weight, side)
-    except Exception as e:  # noqa: BLE001 - any compiler failure means "decode eagerly"
+        _compiled[key], out = compiling.first_use(
+            lambda: _build(quant, out_features, in_features, dtype), lambda f: f(weight, side), ref, dtype, log,
+            "compiled decoding of ComfyUI's quantized layers is unavailable ({error}); decoding eagerly",
+            f"compiled {quant.format} decoding differs from the eager one for a {out_features}x{in_features} "
+            "weight; decoding it eagerly")
+    except compiling.CompilerUnavailable:
         _failed = True
-        log.warning("compiled decoding of ComfyUI's quantized layers is unavailable (%s: %s); decoding eagerly",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return ref
-    if not compiling.close_enough(out, ref, dtype):
-        log.warning("compiled %s decoding differs from the eager one for a %dx%d weight; decoding it eagerly",
-                    quant.format, out_features, in_features)
-        _compiled[key] = _EAGER
-        return ref
-    _compiled[key] = fn
     return out

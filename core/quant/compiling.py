@@ -1,7 +1,8 @@
 """What the compiled decoding kernels (GGUF: ``gguf_kernels``, ComfyUI's formats: ``comfy_quant_kernels``)
-share: the switch that turns them off, how one kernel is compiled, and how its result is checked."""
+share: the switch that turns them off, how one kernel is compiled, and how its first result is checked."""
 from __future__ import annotations
 
+import logging
 import os
 import types
 
@@ -35,3 +36,30 @@ def close_enough(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
         return True
     tol = torch.finfo(dtype).eps * b.abs() + 8 * torch.finfo(torch.float32).eps * b.abs().max()
     return bool(((a - b).abs() <= tol).all())
+
+
+EAGER = object()  # a registry entry: this key's compiled result differed, it decodes eagerly
+
+
+class CompilerUnavailable(Exception):
+    """Compiling or running a kernel failed: the caller turns its compiled kernels off."""
+
+
+def first_use(build, run, ref: torch.Tensor, dtype: torch.dtype, log: logging.Logger,
+              unavailable: str, differs: str) -> tuple[object, torch.Tensor]:
+    """Compile a kernel (``build()``) and check its first result (``run(kernel)``) against the
+    eager one, ``ref``. Returns what the registry keeps and what this call returns: the kernel and
+    its result when they agree (``close_enough``), else ``EAGER`` and ``ref`` (``differs`` logged).
+    A compiler or runtime error raises ``CompilerUnavailable`` (``unavailable`` logged, its
+    ``{error}`` filled in)."""
+    try:
+        fn = build()
+        out = run(fn)
+    except Exception as e:  # noqa: BLE001 - any compiler failure means "use eager"
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning(unavailable.format(error=error))
+        raise CompilerUnavailable from None
+    if not close_enough(out, ref, dtype):
+        log.warning(differs)
+        return EAGER, ref
+    return fn, out

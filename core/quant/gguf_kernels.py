@@ -37,7 +37,7 @@ from . import compiling, gguf_dequant as dequant
 
 log = logging.getLogger(__name__)
 
-_EAGER = object()  # marker: this key runs the eager kernel
+_EAGER = compiling.EAGER  # marker: this key runs the eager kernel
 # (type, rows, cols) -> values dequantized per forward; least recently prepared first
 _registered: "OrderedDict[tuple[int, int, int], int]" = OrderedDict()
 _compiled: dict[tuple, object] = {}  # (type, blocks shape, cols, dtype, device) -> compiled fn, or _EAGER
@@ -145,19 +145,14 @@ def fused_dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.d
             return _eager(blocks, qtype, cols, dtype)
         ref = _eager(blocks, qtype, cols, dtype)
         try:
-            fn = _build(int(qtype), blocks.shape[0], cols, dtype)
-            out = fn(blocks)
-        except Exception as e:  # noqa: BLE001 - any compiler failure means "use eager"
+            _compiled[key], out = compiling.first_use(
+                lambda: _build(int(qtype), blocks.shape[0], cols, dtype), lambda f: f(blocks), ref, dtype, log,
+                "fused GGUF dequantization is unavailable ({error}); using the PyTorch kernels",
+                f"compiled {dequant.type_name(qtype)} dequantization differs from the reference for shape "
+                f"{tuple(blocks.shape)}; using the PyTorch kernel for it")
+        except compiling.CompilerUnavailable:
             _failed = True
-            log.warning("fused GGUF dequantization is unavailable (%s: %s); using the PyTorch kernels",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return ref
-        if not compiling.close_enough(out, ref, dtype):
-            log.warning("compiled %s dequantization differs from the reference for shape %s; using the PyTorch "
-                        "kernel for it", dequant.type_name(qtype), tuple(blocks.shape))
-            _compiled[key] = _EAGER
-            return ref
-        _compiled[key] = fn
         return out
     if fn is _EAGER:
         return _eager(blocks, qtype, cols, dtype)
