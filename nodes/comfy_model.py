@@ -40,10 +40,9 @@ from ..core.quant import comfy_quant_kernels, gguf_kernels
 from ..core.quant.dfloat11 import compressed_weights
 from . import comfy_fun, placement, runtime
 from .handles import MODEL_TYPE
-from .latents import check_latents_for_model
+from .latents import check_latents_for_model, layered_latent_error
 from .lora import check_control_reference
 from .options import run_options, speed_settings
-from .sampling import layered_latent_error
 
 OPTIONS_KEY = "qwenimage_options"  # transformer_options entry: the handle's RunOptions
 RUN_PATCHES = ("double_block",)  # the transformer_options["patches"] types our MMDiT runs

@@ -137,6 +137,15 @@ def check_latent_for_vae(samples: torch.Tensor, vae) -> None:
         )
 
 
+def layered_latent_error(shape, model_name: str) -> ValueError:
+    """What to connect when a plain model gets a latent of several frames (ours and the core bridge)."""
+    return ValueError(
+        f"this latent has {shape[2]} frames ({list(shape)}): a Qwen-Image-Layered latent (composite + layers), but "
+        f"{model_name} is not a Qwen-Image-Layered model. Load {LAYERED_MODEL_FILE} to make layers, or use a "
+        "one-frame latent (Qwen-Image Empty Latent, or ComfyUI's EmptySD3LatentImage)"
+    )
+
+
 def check_latents_for_model(latents, layered_model: bool, what: str) -> None:
     """Refuse latents the other VAE family encoded (see ``lf.LAYERED_TAG``) for this model, naming the file."""
     for z in latents:

@@ -16,7 +16,7 @@ from ..core.quant import comfy_quant_kernels, gguf_kernels
 from . import controlnet as control_nodes
 from . import lora as lora_nodes
 from . import placement, runtime
-from .latents import LAYERED_MODEL_FILE, check_latents_for_model
+from .latents import check_latents_for_model, layered_latent_error
 from .handles import MODEL_TYPE, conditioning_entries
 from .options import speed_settings
 
@@ -189,15 +189,6 @@ class _Guided:
         control = self._control(x, sigma, p)  # residuals for b rows, repeated over the 2b
         out = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, mask, refs, control, p.ref_method)
         return out[:b], out[b:]
-
-
-def layered_latent_error(shape, model_name: str) -> ValueError:
-    """What to connect when a plain model gets a latent of several frames (ours and the core bridge)."""
-    return ValueError(
-        f"this latent has {shape[2]} frames ({list(shape)}): a Qwen-Image-Layered latent (composite + layers), but "
-        f"{model_name} is not a Qwen-Image-Layered model. Load {LAYERED_MODEL_FILE} to make layers, or use a "
-        "one-frame latent (Qwen-Image Empty Latent, or ComfyUI's EmptySD3LatentImage)"
-    )
 
 
 def sample(
