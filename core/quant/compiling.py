@@ -8,6 +8,8 @@ import types
 
 import torch
 
+from ..errors import PackError
+
 
 def switched_off() -> bool:
     """``QWENIMAGE_FUSED_DEQUANT=0`` keeps every weight format on its plain PyTorch decoder."""
@@ -41,7 +43,7 @@ def close_enough(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
 EAGER = object()  # a registry entry: this key's compiled result differed, it decodes eagerly
 
 
-class CompilerUnavailable(Exception):
+class CompilerUnavailable(PackError, RuntimeError):
     """Compiling or running a kernel failed: the caller turns its compiled kernels off."""
 
 
